@@ -1,0 +1,5 @@
+import sys
+
+from vidtune.cli import main
+
+sys.exit(main())

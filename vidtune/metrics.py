@@ -1,0 +1,61 @@
+"""Classification metrics from logits and labels, defined as scikit-learn defines them.
+
+- ``mean_class_acc`` = sklearn ``balanced_accuracy_score``: recall averaged over classes present
+  in the labels.
+- ``f1_macro`` = sklearn ``f1_score(average="macro")``: F1 averaged over classes present in the
+  labels or the predictions (a class never seen nor predicted is not counted).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """``cm[i, j]`` = number of samples of true class ``i`` predicted as ``j``."""
+    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(cm, (np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)), 1)
+    return cm
+
+
+def topk_accuracy(scores: np.ndarray, y_true: np.ndarray, k: int) -> float:
+    k = min(k, scores.shape[1])
+    topk = np.argpartition(-scores, kth=k - 1, axis=1)[:, :k]
+    return float(np.mean(np.any(topk == np.asarray(y_true)[:, None], axis=1))) if len(y_true) else 0.0
+
+
+def per_class(cm: np.ndarray) -> dict[str, np.ndarray]:
+    tp = np.diag(cm).astype(np.float64)
+    support = cm.sum(axis=1).astype(np.float64)
+    predicted = cm.sum(axis=0).astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        recall = np.where(support > 0, tp / support, 0.0)
+        precision = np.where(predicted > 0, tp / predicted, 0.0)
+        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+    return {"recall": recall, "precision": precision, "f1": f1, "support": support, "predicted": predicted}
+
+
+def classification_metrics(scores: np.ndarray, y_true: np.ndarray, class_names: list[str]) -> tuple[dict, dict]:
+    """Scalar metrics (``top1``, ``top5``, ``mean_class_acc``, ``f1_macro``) and details
+    (``confusion_matrix``, per-class ``f1``/``acc`` keyed by class name)."""
+    num_classes = len(class_names)
+    y_true = np.asarray(y_true, dtype=np.int64)
+    y_pred = scores.argmax(axis=1) if len(scores) else np.zeros(0, dtype=np.int64)
+    cm = confusion_matrix(y_true, y_pred, num_classes)
+    pc = per_class(cm)
+    present = pc["support"] > 0
+    seen = present | (pc["predicted"] > 0)
+    scalars = {
+        "top1": float(np.mean(y_pred == y_true)) if len(y_true) else 0.0,
+        "top5": topk_accuracy(scores, y_true, 5),
+        "mean_class_acc": float(pc["recall"][present].mean()) if present.any() else 0.0,
+        "f1_macro": float(pc["f1"][seen].mean()) if seen.any() else 0.0,
+    }
+    details = {
+        "confusion_matrix": cm.tolist(),
+        "class_names": list(class_names),
+        "per_class_f1": {n: float(v) for n, v in zip(class_names, pc["f1"])},
+        "per_class_acc": {n: float(v) for n, v in zip(class_names, pc["recall"])},
+        "support": {n: int(v) for n, v in zip(class_names, pc["support"])},
+    }
+    return scalars, details

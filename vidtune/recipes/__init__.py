@@ -1,0 +1,19 @@
+"""Recipes: what a trial trains (model), optimises (loss) and reports (metrics).
+
+A recipe is a plain object with ``build_model``, ``build_loss`` and ``evaluate``; the trainer's
+loop is the same for all of them. Add one by writing a module and listing it in ``RECIPES``.
+"""
+
+from __future__ import annotations
+
+from vidtune.config import ConfigError
+from vidtune.recipes.classify import ClassifyRecipe
+
+RECIPES = {"classify": ClassifyRecipe()}
+
+
+def get_recipe(name: str):
+    try:
+        return RECIPES[name]
+    except KeyError:
+        raise ConfigError(f"recipe: unknown {name!r}; choose one of {sorted(RECIPES)}") from None

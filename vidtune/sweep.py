@@ -1,0 +1,373 @@
+"""The sweep: Ray Tune + Optuna (TPE) + ASHA over a space file, every trial tracked in MLflow.
+
+One Tune trial = one driver function (``trial_driver``). A single-worker trial trains in the
+driver's own process (a Train worker group would add ~10 s per trial and nothing else); a
+multi-worker trial launches a ``TorchTrainer`` whose workers run DDP and report every epoch to
+Tune through ``TuneReportCallback``. ASHA reads ``epoch`` (which we report ourselves, so it
+survives ``Tuner.restore``). ``MlflowTrialCallback`` runs in this process and is the only MLflow
+writer: per-epoch metrics, end states and best checkpoints of every trial, wherever it ran.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import math
+import os
+import time
+from dataclasses import dataclass
+
+from vidtune.config import TrialConfig
+from vidtune.data.manifest import DataError, Manifest, load_data, read_manifest
+from vidtune.space import SweepSpace, default_space_path, load_space
+from vidtune.tracking import SweepTracker, check_tracking, numeric_metrics, resolve_tracking_uri
+
+
+@dataclass
+class SweepOptions:
+    space: str | None = None
+    data: str | None = None
+    num_samples: int | None = None
+    max_epochs: int | None = None
+    experiment: str | None = None
+    tracking_uri: str | None = None
+    storage: str | None = None
+    address: str | None = None
+    resume: bool = False
+    smoke_test: bool = False
+    optuna_storage: str | None = None
+    skip_preflight: bool = False
+    data_root: str = "data"  # where embedded synthetic sets are written (relative to cwd)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+def prepare_data(space: SweepSpace, data: str | None, data_root: str, smoke: bool = False) -> Manifest:
+    """``--data``, else the space's data, else its synthetic set (written on first use)."""
+    if data:
+        return load_data(data, progress=True)
+    if space.data.path:
+        return load_data(space.data.path, progress=True)
+    synth = dict(space.data.synthetic or {"recipe": "quickstart"})
+    if smoke:
+        synth["videos_per_class"] = min(int(synth.get("videos_per_class", 8)), 8)
+    return synthetic_manifest(synth, data_root)
+
+
+def synthetic_manifest(synth: dict, data_root: str) -> Manifest:
+    from vidtune.data.synth import synthesize
+
+    recipe = synth.get("recipe", "quickstart")
+    classes, per_class, seed = synth.get("classes"), int(synth.get("videos_per_class", 40)), int(synth.get("seed", 0))
+    folder = os.path.abspath(os.path.join(data_root, f"{recipe}-c{classes or 'd'}-v{per_class}-s{seed}"))
+    manifest = os.path.join(folder, "manifest.parquet")
+    if not os.path.exists(manifest):
+        print(f"writing synthetic data set {recipe!r} to {folder}")
+        synthesize(folder, recipe, classes, per_class, seed, progress=True)
+    return read_manifest(manifest)
+
+
+# ----------------------------------------------------------------------------------------------
+# The per-trial driver (runs inside a Tune trial actor)
+# ----------------------------------------------------------------------------------------------
+def trial_driver(config: dict, ctx: dict) -> None:
+    import torch
+    from ray import tune
+
+    from vidtune.train import fit, train_loop_per_worker
+
+    trial_id = tune.get_context().get_trial_id()
+    cfg = TrialConfig.from_dict(ctx["base"]).with_overrides(config)
+    work_dir = os.path.join(ctx["trials_dir"], trial_id)
+    res = ctx["resources"]
+
+    if res["workers"] <= 1:
+        cpus = max(1, int(res["cpus_per_worker"]))
+        torch.set_num_threads(cpus)
+        device = torch.device("cuda") if res["gpus_per_worker"] > 0 and torch.cuda.is_available() else torch.device("cpu")
+
+        def report(metrics: dict, checkpoint_dir: str) -> None:
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
+
+        checkpoint = tune.get_checkpoint()
+        with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as resume_dir:
+            fit(cfg, read_manifest(ctx["manifest"]), work_dir, report, resume_dir, device, num_cpus=cpus)
+        return
+
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    use_gpu = res["gpus_per_worker"] > 0
+    per_worker = {"CPU": res["cpus_per_worker"], **({"GPU": res["gpus_per_worker"]} if use_gpu else {})}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "trial": cfg.to_dict(),
+            "manifest": ctx["manifest"],
+            "work_dir": work_dir,
+            "cpus_per_worker": res["cpus_per_worker"],
+        },
+        scaling_config=ray.train.ScalingConfig(num_workers=res["workers"], use_gpu=use_gpu, resources_per_worker=per_worker),
+        # Same (storage_path, name) after a restore: the worker group resumes from its checkpoints.
+        run_config=ray.train.RunConfig(
+            name=f"train-{trial_id}",
+            storage_path=ctx["storage"],
+            callbacks=[TuneReportCallback()],
+            failure_config=ray.train.FailureConfig(max_failures=ctx["worker_failures"]),
+        ),
+    )
+    trainer.fit()
+
+
+# ----------------------------------------------------------------------------------------------
+# MLflow bookkeeping, in the sweep's own process
+# ----------------------------------------------------------------------------------------------
+def _tune_callback_base():
+    from ray import tune
+
+    return tune.Callback
+
+
+class MlflowTrialCallback(_tune_callback_base()):
+    """Child run per trial: params at start, metrics every epoch (``step=epoch``), and at the end
+    its status (``completed``: ran its budget or stopped early by itself; ``pruned``: stopped by
+    ASHA; ``failed``: raised, with the reason), its best checkpoint as ``checkpoint/``."""
+
+    def __init__(self, tracking_uri: str, experiment: str, parent_id: str, trials_dir: str):
+        self.tracking_uri, self.experiment, self.parent_id, self.trials_dir = tracking_uri, experiment, parent_id, trials_dir
+        self._tracker: SweepTracker | None = None
+        self.last: dict[str, dict] = {}
+        self.counts = {"completed": 0, "pruned": 0, "failed": 0}
+        self.failures: dict[str, str] = {}
+
+    def __getstate__(self):  # Tune pickles its run config for restores; the client stays behind
+        state = dict(self.__dict__)
+        state["_tracker"] = None
+        return state
+
+    @property
+    def tracker(self) -> SweepTracker:
+        if self._tracker is None:
+            self._tracker = SweepTracker(self.tracking_uri, self.experiment)
+            self._tracker.parent_id = self.parent_id
+        return self._tracker
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.tracker.start_trial(trial.trial_id, trial.config)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        run_id = self.tracker.start_trial(trial.trial_id, trial.config)
+        self.last[trial.trial_id] = result
+        self.tracker.log_epoch(run_id, numeric_metrics(result), step=int(result.get("epoch", result.get("training_iteration", 0))))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        last = self.last.get(trial.trial_id) or trial.last_result or {}
+        status = "completed" if last.get("vidtune_finished") else "pruned"
+        self._end(trial, status)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._end(trial, "failed", failure_reason(trial))
+
+    def _end(self, trial, status: str, reason: str | None = None) -> None:
+        run_id = self.tracker.start_trial(trial.trial_id, trial.config)
+        self.tracker.end_trial(run_id, status, reason, checkpoint_dir=os.path.join(self.trials_dir, trial.trial_id, "best"))
+        self.counts[status] += 1
+        if reason:
+            self.failures[trial.trial_id] = reason
+
+
+def failure_reason(trial) -> str:
+    """One line saying why a trial failed (the innermost exception, not Ray's wrapping)."""
+    error = None
+    with contextlib.suppress(Exception):
+        error = trial.get_pickled_error()
+    text = str(error) if error is not None else ""
+    if not text and trial.error_file and os.path.exists(trial.error_file):
+        with open(trial.error_file) as f:
+            text = f.read()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for line in reversed(lines):
+        if "Error" in line.split(":", 1)[0] or "Exception" in line.split(":", 1)[0]:
+            return line[:1000]
+    return (lines[-1] if lines else "unknown error")[:1000]
+
+
+# ----------------------------------------------------------------------------------------------
+# The sweep
+# ----------------------------------------------------------------------------------------------
+def _concurrency(space: SweepSpace, cluster: dict) -> int:
+    res = space.resources
+    per_trial_cpu = res.workers * res.cpus_per_worker
+    fits = int(cluster.get("CPU", 1) // per_trial_cpu) if per_trial_cpu else 1
+    if res.gpus_per_worker > 0:
+        fits = min(fits, int(cluster.get("GPU", 0) // (res.workers * res.gpus_per_worker)))
+    if fits < 1:
+        raise ValueError(
+            f"resources: one trial needs {res.workers} x ({res.cpus_per_worker} CPU, {res.gpus_per_worker} GPU) "
+            f"but the cluster has {cluster.get('CPU', 0)} CPU and {cluster.get('GPU', 0)} GPU"
+        )
+    if space.tune.max_concurrent:
+        fits = min(fits, space.tune.max_concurrent)
+    return max(1, fits)
+
+
+def _apply_options(space: SweepSpace, opts: SweepOptions) -> SweepSpace:
+    if opts.smoke_test:
+        space.tune.num_samples = 2
+        epochs = min(2, space.base.train.epochs)
+        space.base = space.base.with_overrides({"train.epochs": epochs})
+        space.tune.asha.max_t = epochs
+    if opts.num_samples:
+        space.tune.num_samples = opts.num_samples
+    if opts.max_epochs:
+        space.base = space.base.with_overrides({"train.epochs": opts.max_epochs})
+        space.tune.asha.max_t = opts.max_epochs
+    return space
+
+
+def _latest_sweep_dir(storage: str, name: str) -> str | None:
+    candidates = sorted(glob.glob(os.path.join(storage, f"{name}-*")), key=os.path.getmtime)
+    return candidates[-1] if candidates else None
+
+
+def run_sweep(opts: SweepOptions) -> dict:
+    """Run (or resume) a sweep; returns a summary with the best trial's run id and value."""
+    space = _apply_options(load_space(opts.space or default_space_path()), opts)
+    tracking_uri = resolve_tracking_uri(opts.tracking_uri)
+    check_tracking(tracking_uri)  # before any data work or trial
+    experiment = opts.experiment or space.name
+    storage = os.path.abspath(opts.storage or "ray_results") if "://" not in (opts.storage or "") else opts.storage
+
+    manifest = prepare_data(space, opts.data, opts.data_root, opts.smoke_test)
+    _describe_data(manifest)
+    if manifest.skipped:
+        print(f"left out {len(manifest.skipped)} unreadable videos; first: {manifest.skipped[0][0]}: {manifest.skipped[0][1]}")
+
+    import optuna
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    if opts.resume:
+        sweep_dir = _latest_sweep_dir(storage, space.name)
+        if not sweep_dir or not tune.Tuner.can_restore(sweep_dir):
+            raise FileNotFoundError(f"--resume: no sweep of {space.name!r} to resume under {storage}")
+        sweep_name = os.path.basename(sweep_dir)
+    else:
+        sweep_name = f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        sweep_dir = os.path.join(storage, sweep_name)
+    os.makedirs(sweep_dir, exist_ok=True)
+    manifest_path = manifest.save(os.path.join(sweep_dir, "manifest.parquet")) if not opts.resume else os.path.join(sweep_dir, "manifest.parquet")
+    trials_dir = os.path.join(sweep_dir, "trials")
+
+    if not ray.is_initialized():
+        # Faster Train reports (the controller polls workers; 2 s by default) for multi-worker trials.
+        env = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")}
+        ray.init(address=opts.address, runtime_env={"env_vars": env}, log_to_driver=True, configure_logging=False)
+    concurrency = _concurrency(space, ray.cluster_resources())
+
+    tracker = SweepTracker(tracking_uri, experiment)
+    parent_id = tracker.start_sweep(
+        sweep_name, space.tune.metric, space.tune.mode,
+        {"space": space.path, "recipe": space.recipe, "num_samples": space.tune.num_samples,
+         "max_epochs": space.base.train.epochs, "data_fingerprint": manifest.fingerprint(),
+         "num_classes": manifest.num_classes, "concurrency": concurrency},
+        resume=opts.resume,
+    )
+    callback = MlflowTrialCallback(tracking_uri, experiment, parent_id, trials_dir)
+    ctx = {
+        "base": space.base.to_dict(),
+        "manifest": manifest_path,
+        "trials_dir": trials_dir,
+        "storage": storage,
+        "resources": vars(space.resources),
+        "worker_failures": 2,
+    }
+    res = space.resources
+    if res.workers <= 1:
+        trial_resources = {"cpu": res.cpus_per_worker, "gpu": res.gpus_per_worker}
+    else:
+        # The driver only waits on its worker group: a near-zero request avoids the deadlock where
+        # drivers hold every CPU and no worker can start.
+        trial_resources = {"cpu": 0.01}
+    trainable = tune.with_resources(tune.with_parameters(trial_driver, ctx=ctx), trial_resources)
+
+    t0 = time.time()
+    if opts.resume:
+        tuner = tune.Tuner.restore(sweep_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        startup = space.tune.tpe_startup_trials or max(1, space.tune.num_samples // 3)
+        # With the space given here, Tune's set_search_properties skips the searcher: it needs
+        # metric and mode too (TuneConfig still needs them for the scheduler).
+        searcher = OptunaSearch(
+            space=space.params,
+            metric=space.tune.metric,
+            mode=space.tune.mode,
+            points_to_evaluate=space.points,
+            sampler=optuna.samplers.TPESampler(seed=space.tune.seed, n_startup_trials=startup),
+            storage=optuna.storages.RDBStorage(opts.optuna_storage) if opts.optuna_storage else None,
+            study_name=sweep_name,
+        )
+        max_t = space.tune.asha.max_t or space.base.train.epochs
+        scheduler = ASHAScheduler(
+            time_attr="epoch",
+            max_t=max_t,
+            grace_period=min(space.tune.asha.grace_period, max_t),
+            reduction_factor=space.tune.asha.reduction_factor,
+        )
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                metric=space.tune.metric,
+                mode=space.tune.mode,
+                search_alg=searcher,
+                scheduler=scheduler,
+                num_samples=space.tune.num_samples,
+                max_concurrent_trials=concurrency,
+            ),
+            run_config=tune.RunConfig(
+                name=sweep_name,
+                storage_path=storage,
+                callbacks=[callback],
+                failure_config=tune.FailureConfig(max_failures=0),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                verbose=1,
+            ),
+        )
+    results = tuner.fit()
+    wall = time.time() - t0
+
+    best_run, best_value = tracker.end_sweep(space.tune.metric, space.tune.mode)
+    counts = {"completed": 0, "pruned": 0, "failed": 0}
+    for run in tracker.client.search_runs([tracker.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=5000):
+        status = run.data.tags.get("vidtune.trial_status")
+        if status in counts:
+            counts[status] += 1
+    summary = {
+        "experiment": experiment,
+        "sweep": sweep_name,
+        "sweep_dir": sweep_dir,
+        "parent_run_id": parent_id,
+        "tracking_uri": tracking_uri,
+        "metric": space.tune.metric,
+        "best_run_id": best_run,
+        "best_value": best_value,
+        "trials": len(results),
+        "wall_s": round(wall, 1),
+        **counts,
+    }
+    errors = [r.error for r in results if r.error is not None]
+    if errors:
+        summary["failure_reasons"] = sorted({str(e).strip().splitlines()[-1][:200] for e in errors})
+    return summary
+
+
+def _describe_data(manifest: Manifest) -> None:
+    train, val = manifest.class_counts("train"), manifest.class_counts("val")
+    if train.sum() == 0 or val.sum() == 0:
+        raise DataError(f"data: {int(train.sum())} train and {int(val.sum())} val videos; both splits are needed")
+    ratio = train.max() / max(1, train[train > 0].min()) if (train > 0).any() else math.inf
+    print(f"data: {manifest.num_classes} classes, {int(train.sum())} train / {int(val.sum())} val videos, imbalance {ratio:.1f}:1")

@@ -1,0 +1,257 @@
+"""MLflow: the sweep's parent run, one child run per trial, registry promotion.
+
+All writes go through ``MlflowClient`` with explicit run ids, so one process (the sweep driver)
+can log every trial without MLflow's global "active run" state, and SQLite sees one writer.
+Layout and names are the contract's: tags ``vidtune.role``, ``vidtune.trial_id``,
+``vidtune.trial_status``, ``vidtune.failure_reason``; artifact folder ``checkpoint/``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+ROLE, TRIAL_ID, STATUS, REASON = "vidtune.role", "vidtune.trial_id", "vidtune.trial_status", "vidtune.failure_reason"
+SWEEP_NAME, METRIC, MODE, BEST_RUN = "vidtune.sweep_name", "vidtune.metric", "vidtune.mode", "vidtune.best_run_id"
+PARENT = "mlflow.parentRunId"
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be used; the message names the URI."""
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """``--tracking-uri``, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlflow.db``.
+
+    Relative paths become absolute: Ray runs trials in other working directories.
+    """
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + os.path.abspath(uri[len("sqlite:///") :])
+    if "://" not in uri:
+        return "file://" + os.path.abspath(uri)
+    return uri
+
+
+def sqlite_path(uri: str) -> str:
+    """The database file of a ``sqlite:///`` URI (``sqlite:////abs/path`` is absolute)."""
+    return os.path.abspath(uri[len("sqlite:///") :])
+
+
+def check_tracking(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast, before any trial starts, when the store cannot be reached."""
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
+                if r.status != 200:
+                    raise TrackingError(f"{uri}: tracking server answered HTTP {r.status} on /health")
+        except (urllib.error.URLError, OSError) as e:
+            raise TrackingError(f"{uri}: tracking server unreachable ({getattr(e, 'reason', e)})") from None
+        return
+    if uri.startswith("sqlite:///"):
+        folder = os.path.dirname(sqlite_path(uri)) or "."
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            raise TrackingError(f"{uri}: folder {folder} is missing or not writable")
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def get_or_create_experiment(uri: str, name: str) -> str:
+    client = _client(uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if uri.startswith("sqlite:///"):
+        # A SQLite store's default artifact root is relative to the creating process: pin it.
+        location = os.path.join(os.path.dirname(sqlite_path(uri)), "mlartifacts")
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except Exception:  # created concurrently by another sweep
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def numeric_metrics(result: dict) -> dict[str, float]:
+    """The metrics worth logging from a Tune result: ours, numeric and finite."""
+    skip = {"epoch", "vidtune_finished", "training_iteration", "timestamp", "time_this_iter_s", "time_total_s",
+            "time_since_restore", "iterations_since_restore", "pid", "done"}
+    out = {}
+    for k, v in result.items():
+        if k in skip or k.startswith(("time_", "config")) or isinstance(v, bool):
+            continue
+        if isinstance(v, (int, float)) and math.isfinite(v):
+            out[k] = float(v)
+    return out
+
+
+class SweepTracker:
+    """The MLflow side of one sweep: parent run, per-trial runs, their metrics and end states."""
+
+    def __init__(self, uri: str, experiment: str):
+        self.uri = uri
+        self.client = _client(uri)
+        self.experiment_id = get_or_create_experiment(uri, experiment)
+        self.parent_id: str | None = None
+        self.trial_runs: dict[str, str] = {}
+
+    # -- the sweep
+    def start_sweep(self, sweep_name: str, metric: str, mode: str, params: dict, resume: bool = False) -> str:
+        if resume:
+            found = self.client.search_runs(
+                [self.experiment_id],
+                f"tags.`{ROLE}` = 'sweep' and tags.`{SWEEP_NAME}` = '{sweep_name}'",
+                max_results=1,
+            )
+            if found:
+                self.parent_id = found[0].info.run_id
+                self.client.update_run(self.parent_id, status="RUNNING")
+                return self.parent_id
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=sweep_name,
+            tags={ROLE: "sweep", SWEEP_NAME: sweep_name, METRIC: metric, MODE: mode},
+        )
+        self.parent_id = run.info.run_id
+        self.log_params(self.parent_id, params)
+        return self.parent_id
+
+    def end_sweep(self, metric: str, mode: str, status: str = "FINISHED") -> tuple[str | None, float | None]:
+        """Record the best trial on the parent run; returns ``(run_id, value)``."""
+        best = self.best_trial(metric, mode, parent_id=self.parent_id, completed_only=False)
+        if best is not None:
+            run_id, value = best
+            self.client.log_metric(self.parent_id, f"best_{metric}", value)
+            self.client.set_tag(self.parent_id, BEST_RUN, run_id)
+        self.client.set_terminated(self.parent_id, status=status)
+        return best if best else (None, None)
+
+    def best_trial(
+        self, metric: str, mode: str, parent_id: str | None = None, completed_only: bool = True
+    ) -> tuple[str, float] | None:
+        # Completed trials first: a pruned trial's number comes from a smaller budget.
+        for statuses in (("completed",), ("completed", "pruned")) if not completed_only else (("completed",),):
+            clauses = [f"tags.`{ROLE}` = 'trial'"]
+            if parent_id:
+                clauses.append(f"tags.`{PARENT}` = '{parent_id}'")
+            runs = self.client.search_runs(
+                [self.experiment_id],
+                " and ".join(clauses),
+                order_by=[f"metrics.`best_{metric}` {'DESC' if mode == 'max' else 'ASC'}"],
+                max_results=500,
+            )
+            runs = [r for r in runs if r.data.tags.get(STATUS) in statuses and f"best_{metric}" in r.data.metrics]
+            if runs:
+                return runs[0].info.run_id, runs[0].data.metrics[f"best_{metric}"]
+        return None
+
+    # -- trials
+    def start_trial(self, trial_id: str, params: dict) -> str:
+        """The trial's run, created once: a resumed or restarted trial continues its own run."""
+        if trial_id in self.trial_runs:
+            return self.trial_runs[trial_id]
+        found = self.client.search_runs(
+            [self.experiment_id],
+            f"tags.`{TRIAL_ID}` = '{trial_id}' and tags.`{PARENT}` = '{self.parent_id}'",
+            max_results=1,
+        )
+        if found:
+            run_id = found[0].info.run_id
+            self.client.update_run(run_id, status="RUNNING")
+        else:
+            run = self.client.create_run(
+                self.experiment_id,
+                run_name=trial_id,
+                tags={ROLE: "trial", TRIAL_ID: trial_id, PARENT: self.parent_id, STATUS: "running"},
+            )
+            run_id = run.info.run_id
+            self.log_params(run_id, params)
+        self.trial_runs[trial_id] = run_id
+        return run_id
+
+    def log_epoch(self, run_id: str, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()])
+
+    def end_trial(self, run_id: str, status: str, reason: str | None = None, checkpoint_dir: str | None = None) -> None:
+        """Tag the trial's end state, upload its best checkpoint, close its run."""
+        if checkpoint_dir and os.path.isdir(checkpoint_dir):
+            self.client.log_artifacts(run_id, checkpoint_dir, artifact_path="checkpoint")
+        self.client.set_tag(run_id, STATUS, status)
+        if reason:
+            self.client.set_tag(run_id, REASON, reason[:5000])
+        self.client.set_terminated(run_id, status="FAILED" if status == "failed" else "FINISHED")
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+            self.client.log_batch(run_id, params=items[i : i + 100])
+
+
+def promote(
+    uri: str,
+    experiment: str,
+    metric: str | None = None,
+    model_name: str | None = None,
+    alias: str = "champion",
+) -> dict:
+    """Register the best completed trial's ``checkpoint/`` as a new model version; point ``alias`` at it."""
+    client = _client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise TrackingError(f"{uri}: no experiment named {experiment!r}")
+    sweeps = client.search_runs([exp.experiment_id], f"tags.`{ROLE}` = 'sweep'", order_by=["attributes.start_time DESC"], max_results=1)
+    mode = "max"
+    if sweeps:
+        metric = metric or sweeps[0].data.tags.get(METRIC)
+        mode = sweeps[0].data.tags.get(MODE, "max")
+    metric = metric or "val_top1"
+    if metric.endswith("loss"):
+        mode = "min"
+    tracker = SweepTracker.__new__(SweepTracker)
+    tracker.client, tracker.experiment_id = client, exp.experiment_id
+    best = tracker.best_trial(metric, mode)
+    if best is None:
+        raise TrackingError(f"experiment {experiment!r}: no completed trial with metric best_{metric}")
+    run_id, value = best
+    run = client.get_run(run_id)
+    name = model_name or experiment
+    try:
+        client.get_registered_model(name)
+    except Exception:
+        client.create_registered_model(name)
+    version = client.create_model_version(
+        name,
+        source=f"{run.info.artifact_uri}/checkpoint",
+        run_id=run_id,
+        tags={"vidtune.run_id": run_id, "vidtune.metric": metric, "vidtune.value": str(value)},
+    )
+    client.set_registered_model_alias(name, alias, version.version)
+    return {"model": name, "version": version.version, "alias": alias, "run_id": run_id, "metric": metric,
+            "value": value, "uri": f"models:/{name}@{alias}"}
+
+
+def download_model(model_uri: str, uri: str | None = None) -> str:
+    """A local folder holding the checkpoint behind ``models:/...``, ``runs:/...`` or a path."""
+    if os.path.isdir(model_uri):
+        return model_uri
+    import mlflow.artifacts
+
+    try:
+        return mlflow.artifacts.download_artifacts(artifact_uri=model_uri, tracking_uri=resolve_tracking_uri(uri))
+    except Exception as e:
+        raise TrackingError(f"{model_uri}: cannot fetch the model ({str(e).splitlines()[0][:300]})") from None

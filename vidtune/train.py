@@ -1,0 +1,317 @@
+"""The training loop, usable alone (``fit``) and under Ray Train (``train_loop_per_worker``).
+
+``fit`` reads top to bottom: data, model, optimiser and schedule, resume, then per epoch a
+mixed-precision train pass with gradient accumulation and clipping, a validation pass whose
+predictions are gathered from every rank, the best-epoch checkpoint, early stopping, and one
+``report(metrics, checkpoint_dir)`` call. It knows nothing of Ray or MLflow: callers pass
+``report``. Under Ray Train the process group is already up and ``fit`` wraps the model in DDP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+from vidtune.checkpoint import load_checkpoint, save_checkpoint
+from vidtune.config import TrialConfig
+from vidtune.data.dataset import ClipDataset, WeightedDistributedSampler, class_balanced_weights
+from vidtune.data.manifest import DataError, Manifest, read_manifest
+from vidtune.recipes import get_recipe
+
+Report = Callable[[dict, str], None]  # (metrics, rolling checkpoint folder) -> None
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the trial cannot recover."""
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype for ``precision`` on ``device`` (None = fp32)."""
+    if precision == "fp32":
+        return None
+    if precision == "fp16":
+        return torch.float16
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    # On CPUs without native bf16 (AVX512-BF16 / AMX) bf16 autocast is slower than fp32.
+    try:
+        fast_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    except AttributeError:
+        fast_bf16 = False
+    return torch.bfloat16 if fast_bf16 else None
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrialConfig) -> torch.optim.Optimizer:
+    # Norm weights and biases are not decayed: decaying them only hurts small-data training.
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.train.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.train.lr, momentum=cfg.train.momentum, nesterov=True)
+    return torch.optim.AdamW(groups, lr=cfg.train.lr)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrialConfig, total_steps: int):
+    t = cfg.train
+    if t.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=t.lr, total_steps=max(1, total_steps), pct_start=max(t.warmup_pct, 0.01)
+        )
+    warmup = int(t.warmup_pct * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if t.schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def auto_num_workers(num_cpus: int | None) -> int:
+    # One CPU: decoding in the training process beats a worker it would have to share the core with.
+    cpus = num_cpus or os.cpu_count() or 1
+    return 0 if cpus <= 1 else min(8, cpus - 1)
+
+
+def _is_better(value: float, best: float | None, mode: str) -> bool:
+    if best is None:
+        return True
+    return value > best if mode == "max" else value < best
+
+
+def fit(
+    cfg: TrialConfig,
+    manifest: Manifest,
+    work_dir: str,
+    report: Report | None = None,
+    resume_dir: str | None = None,
+    device: torch.device | None = None,
+    num_cpus: int | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Train ``cfg`` on ``manifest``'s train split, validating on its val split every epoch.
+
+    Writes ``work_dir/best`` (the best epoch by ``cfg.metric``) and ``work_dir/last`` (everything
+    needed to resume). Returns a summary: best value and epoch, epochs run, why it stopped.
+    """
+    recipe = get_recipe(cfg.recipe)
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    device = device or torch.device("cpu")
+    torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
+    np.random.seed(cfg.train.seed + rank)
+
+    # --- Data: each rank reads its share of train and val; samplers reshuffle every epoch.
+    train_part, val_part = manifest.split("train"), manifest.split("val")
+    if len(train_part) == 0 or len(val_part) == 0:
+        raise DataError(f"the data has {len(train_part)} train and {len(val_part)} val videos; both splits are needed")
+    class_names = manifest.class_names
+    train_ds = ClipDataset(train_part, cfg.data, train=True, seed=cfg.train.seed)
+    val_ds = ClipDataset(val_part, cfg.data, train=False, seed=cfg.train.seed)
+    if cfg.data.sampler_power > 0:
+        weights = class_balanced_weights(train_ds.labels, cfg.data.sampler_power)
+        sampler = WeightedDistributedSampler(weights, len(train_ds), rank, world, cfg.train.seed)
+    else:
+        sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg.train.seed)
+    workers = cfg.data.num_workers if cfg.data.num_workers >= 0 else auto_num_workers(num_cpus)
+    loader_kwargs = dict(
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+        # Forked loader workers inside Ray actors inherit threads and locks; forkserver is safe.
+        multiprocessing_context="forkserver" if workers > 0 else None,
+        prefetch_factor=4 if workers > 0 else None,
+    )
+    per_rank = math.ceil(len(train_ds) / world)
+    train_loader = DataLoader(
+        train_ds, batch_size=cfg.train.batch_size, sampler=sampler, drop_last=per_rank > cfg.train.batch_size, **loader_kwargs
+    )
+    val_loader = DataLoader(Subset(val_ds, range(rank, len(val_ds), world)), batch_size=cfg.train.batch_size, **loader_kwargs)
+
+    # --- Model, loss, optimiser, schedule, mixed precision.
+    model = recipe.build_model(cfg, len(class_names)).to(device)
+    core = model
+    if distributed:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    loss_fn = recipe.build_loss(cfg, train_part.class_counts())
+    optimizer = build_optimizer(core, cfg)
+    steps_per_epoch = math.ceil(len(train_loader) / cfg.train.accumulate)
+    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch * cfg.train.epochs)
+    amp_dtype = resolve_precision(cfg.train.precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16 and device.type == "cuda")
+
+    def autocast():
+        return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+
+    # --- Resume: weights, optimiser, schedule and early-stopping state from the last checkpoint.
+    start_epoch, best, best_epoch, stale = 1, None, 0, 0
+    if resume_dir:
+        ckpt = load_checkpoint(resume_dir, with_train_state=True)
+        core.load_state_dict(ckpt["model"])
+        state = ckpt["train_state"] or {}
+        if state:
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+            start_epoch, best, best_epoch, stale = state["epoch"] + 1, state["best"], state["best_epoch"], state["stale"]
+        log(f"resumed from {resume_dir} at epoch {start_epoch}")
+
+    best_dir, last_dir = os.path.join(work_dir, "best"), os.path.join(work_dir, "last")
+    resolved = cfg.to_dict()
+    metrics: dict = {}
+    stop_reason = "max_epochs"
+    for epoch in range(start_epoch, cfg.train.epochs + 1):
+        t0 = time.perf_counter()
+        sampler.set_epoch(epoch)
+        train_ds.set_epoch(epoch)
+
+        # --- Train pass. DDP syncs gradients only on the batch that steps the optimiser.
+        model.train()
+        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        part_sums: dict[str, torch.Tensor] = {}
+        seen = 0
+        optimizer.zero_grad(set_to_none=True)
+        for step, (clips, labels) in enumerate(train_loader):
+            clips = clips.to(device, non_blocking=True)  # (B, C, T, H, W)
+            labels = labels.to(device, non_blocking=True)
+            stepping = (step + 1) % cfg.train.accumulate == 0 or step + 1 == len(train_loader)
+            sync = contextlib.nullcontext() if stepping or not distributed else model.no_sync()
+            with sync:
+                with autocast():
+                    outputs = model(clips)
+                loss, parts = loss_fn(outputs, labels)
+                scaler.scale(loss / cfg.train.accumulate).backward()
+            if stepping:
+                if cfg.train.clip_grad_norm > 0:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(core.parameters(), cfg.train.clip_grad_norm)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+            n = labels.shape[0]
+            loss_sum += loss.detach().double() * n
+            for k, v in parts.items():
+                part_sums[k] = part_sums.get(k, torch.zeros((), device=device, dtype=torch.float64)) + v.detach().double() * n
+            seen += n
+        totals = torch.stack([loss_sum, torch.tensor(float(seen), device=device, dtype=torch.float64), *part_sums.values()])
+        if distributed:
+            dist.all_reduce(totals)
+        train_loss = float(totals[0] / totals[1])
+        if not math.isfinite(train_loss):
+            # Every rank sees the same reduced value, so all of them stop together.
+            raise NonFiniteLossError(f"training loss became {train_loss} at epoch {epoch} (lr {cfg.train.lr:g})")
+        metrics = {"epoch": epoch, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"]}
+        metrics.update({f"train_loss_{k}": float(v / totals[1]) for k, v in zip(part_sums, totals[2:])})
+
+        # --- Validation pass over every rank's share, gathered so all ranks compute the same metrics.
+        model.eval()
+        outs, labs = [], []
+        with torch.no_grad(), autocast():
+            for clips, labels in val_loader:
+                outs.append(model(clips.to(device, non_blocking=True)).float().cpu())
+                labs.append(labels)
+        logits = torch.cat(outs) if outs else torch.zeros(0, len(class_names))
+        targets = torch.cat(labs) if labs else torch.zeros(0, dtype=torch.long)
+        if distributed:
+            gathered: list = [None] * world
+            dist.all_gather_object(gathered, (logits, targets))
+            logits = torch.cat([g[0] for g in gathered])
+            targets = torch.cat([g[1] for g in gathered])
+        val_loss, _ = loss_fn(logits, targets)
+        scalars, details = recipe.evaluate(logits.numpy(), targets.numpy(), class_names)
+        metrics["val_loss"] = float(val_loss)
+        metrics.update(scalars)
+        metrics["epoch_time_s"] = time.perf_counter() - t0
+
+        # --- Best epoch and early stopping on the tuned metric.
+        value = metrics.get(cfg.metric)
+        if value is None:
+            raise KeyError(f"metric {cfg.metric!r} is not reported by recipe {cfg.recipe!r}; it reports {sorted(metrics)}")
+        improved = _is_better(value, best, cfg.mode)
+        if improved:
+            best, best_epoch, stale = value, epoch, 0
+        else:
+            stale += 1
+        if cfg.train.early_stop_patience and stale >= cfg.train.early_stop_patience:
+            stop_reason = "early_stop"
+        finished = epoch == cfg.train.epochs or stop_reason == "early_stop"
+        metrics[f"best_{cfg.metric}"] = best
+        metrics["vidtune_finished"] = int(finished)
+        if rank == 0:
+            info = {"epoch": epoch, "metrics": metrics, "details": details}
+            if improved:
+                save_checkpoint(best_dir, core.state_dict(), resolved, class_names, info)
+            train_state = {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "epoch": epoch,
+                "best": best,
+                "best_epoch": best_epoch,
+                "stale": stale,
+            }
+            save_checkpoint(last_dir, core.state_dict(), resolved, class_names, info, train_state)
+            log(
+                f"epoch {epoch}/{cfg.train.epochs} train_loss {train_loss:.4f} val_loss {metrics['val_loss']:.4f} "
+                f"{cfg.metric} {value:.4f} (best {best:.4f} @ {best_epoch}) {metrics['epoch_time_s']:.1f}s"
+            )
+        if report is not None:
+            report(metrics, last_dir)
+        if finished:
+            break
+    return {
+        "best": best,
+        "best_epoch": best_epoch,
+        "epochs": metrics.get("epoch", start_epoch - 1),
+        "stop_reason": stop_reason,
+        "best_dir": best_dir,
+        "metrics": metrics,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Ray Train adapter: the per-worker entry point for multi-worker (DDP) trials.
+# ----------------------------------------------------------------------------------------------
+def train_loop_per_worker(loop_config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    cfg = TrialConfig.from_dict(loop_config["trial"])
+    manifest = read_manifest(loop_config["manifest"])
+    torch.set_num_threads(max(1, int(loop_config.get("cpus_per_worker", 1))))
+    rank0 = ctx.get_world_rank() == 0
+
+    def report(metrics: dict, checkpoint_dir: str) -> None:
+        # Reporting is a barrier for all ranks; only rank 0 hands over its checkpoint.
+        ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if rank0 else None
+        ray.train.report(metrics, checkpoint=ckpt)
+
+    checkpoint = ray.train.get_checkpoint()
+    with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as resume_dir:
+        fit(
+            cfg,
+            manifest,
+            work_dir=loop_config["work_dir"],
+            report=report,
+            resume_dir=resume_dir,
+            device=ray.train.torch.get_device(),
+            num_cpus=loop_config.get("cpus_per_worker"),
+            log=print if rank0 else (lambda _msg: None),
+        )
