@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn import metrics as skm
+
+from vidtune.metrics import classification_metrics, confusion_matrix, topk_accuracy
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_metrics_match_scikit_learn(seed):
+    rng = np.random.default_rng(seed)
+    num_classes = 7
+    y = rng.integers(0, num_classes - 1, size=200)  # class 6 never occurs in the labels
+    scores = rng.normal(size=(200, num_classes))
+    scores[np.arange(200), y] += rng.uniform(0, 2.5, size=200)  # better than chance
+    names = [f"c{i}" for i in range(num_classes)]
+    scalars, details = classification_metrics(scores, y, names)
+    pred = scores.argmax(1)
+    assert scalars["top1"] == pytest.approx(skm.accuracy_score(y, pred))
+    assert scalars["top5"] == pytest.approx(skm.top_k_accuracy_score(y, scores, k=5, labels=range(num_classes)))
+    assert scalars["mean_class_acc"] == pytest.approx(skm.balanced_accuracy_score(y, pred))
+    assert scalars["f1_macro"] == pytest.approx(skm.f1_score(y, pred, average="macro"))
+    per_class = skm.f1_score(y, pred, average=None, labels=range(num_classes), zero_division=0)
+    assert [details["per_class_f1"][n] for n in names] == pytest.approx(per_class)
+    assert details["confusion_matrix"] == skm.confusion_matrix(y, pred, labels=range(num_classes)).tolist()
+
+
+def test_imbalanced_majority_predictor_exposes_low_mean_class_accuracy():
+    # The report-000 failure: top-1 looks fine while rare classes are never predicted.
+    y = np.array([0] * 54 + list(range(1, 14)) * 3 + [1] * 7)
+    scores = np.zeros((len(y), 14))
+    scores[:, 0] = 1.0
+    s, _ = classification_metrics(scores, y, [str(i) for i in range(14)])
+    assert s["top1"] > 0.5 and s["mean_class_acc"] == pytest.approx(1 / 14)
+
+
+def test_confusion_and_topk_small_cases():
+    assert confusion_matrix(np.array([0, 1, 1]), np.array([0, 0, 1]), 3).tolist() == [[1, 0, 0], [1, 1, 0], [0, 0, 0]]
+    scores = np.array([[0.1, 0.5, 0.4], [0.8, 0.15, 0.05]])
+    assert topk_accuracy(scores, np.array([2, 2]), 1) == 0.0
+    assert topk_accuracy(scores, np.array([2, 2]), 2) == 0.5
+    assert topk_accuracy(scores, np.array([2, 2]), 10) == 1.0  # k capped at the class count

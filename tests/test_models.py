@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vidtune.config import ConfigError, ModelConfig
+from vidtune.models import build_model
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        ModelConfig(arch="cnn3d", widths=[8, 16], pool="max"),
+        ModelConfig(arch="timm", backbone="resnet18", temporal_head="avg"),
+        ModelConfig(arch="timm", backbone="test_efficientnet", temporal_head="attention"),
+        ModelConfig(arch="torchvision", backbone="r2plus1d_18"),
+    ],
+    ids=lambda c: f"{c.arch}-{c.backbone or 'cnn3d'}-{c.temporal_head}",
+)
+def test_models_map_clips_to_logits(cfg):
+    model = build_model(cfg, num_classes=5, in_channels=3, num_frames=4)
+    x = torch.randn(2, 3, 4, 32, 32)  # (B, C, T, H, W)
+    out = model(x)
+    assert out.shape == (2, 5)
+    out.sum().backward()
+
+
+def test_attention_head_sees_frame_order():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch="timm", backbone="test_efficientnet", temporal_head="attention", dropout=0.0), 3, num_frames=4).eval()
+    x = torch.randn(1, 3, 4, 32, 32)
+    reversed_x = x.flip(2)
+    assert not torch.allclose(model(x), model(reversed_x), atol=1e-5)
+    avg = build_model(ModelConfig(arch="timm", backbone="test_efficientnet", temporal_head="avg", dropout=0.0), 3).eval()
+    torch.testing.assert_close(avg(x), avg(reversed_x), atol=1e-5, rtol=1e-4)
+
+
+def test_single_channel_input():
+    model = build_model(ModelConfig(arch="timm", backbone="test_efficientnet"), 4, in_channels=1, num_frames=2)
+    assert model(torch.randn(1, 1, 2, 32, 32)).shape == (1, 4)
+
+
+def test_pretrained_path_loads_local_weights(tmp_path):
+    import timm
+
+    donor = timm.create_model("test_efficientnet", num_classes=0)
+    path = tmp_path / "weights.pth"
+    torch.save(donor.state_dict(), path)
+    model = build_model(ModelConfig(arch="timm", backbone="test_efficientnet", pretrained_path=str(path)), 3)
+    for k, v in donor.state_dict().items():
+        torch.testing.assert_close(model.backbone.state_dict()[k], v)
+
+    donor3d = build_model(ModelConfig(arch="cnn3d", widths=[8, 16]), 7)
+    torch.save(donor3d.state_dict(), tmp_path / "c3d.pt")
+    other = build_model(ModelConfig(arch="cnn3d", widths=[8, 16], pretrained_path=str(tmp_path / "c3d.pt")), 3)
+    torch.testing.assert_close(other.features[0].weight, donor3d.features[0].weight)
+    assert other.fc.out_features == 3  # the classifier of another class count is left as built
+
+
+def test_model_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="model.backbone: unknown timm model 'no_such_net'"):
+        build_model(ModelConfig(arch="timm", backbone="no_such_net"), 3)
+    with pytest.raises(ConfigError, match="model.backbone: unknown torchvision video model 'r9d'"):
+        build_model(ModelConfig(arch="torchvision", backbone="r9d"), 3)
+    with pytest.raises(FileNotFoundError, match="pretrained_path: .*nope.pt: no such weights file"):
+        build_model(ModelConfig(arch="cnn3d", pretrained_path=str(tmp_path / "nope.pt")), 3)
+    with pytest.raises(ConfigError, match="arch: unknown 'rnn'"):
+        ModelConfig(arch="rnn")
