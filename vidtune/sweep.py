@@ -197,15 +197,20 @@ def failure_reason(trial) -> str:
 # ----------------------------------------------------------------------------------------------
 # The sweep
 # ----------------------------------------------------------------------------------------------
+DRIVER_CPU = 0.01  # what a multi-worker trial's driver reserves; it only waits on its workers
+
+
 def _concurrency(space: SweepSpace, cluster: dict) -> int:
+    """How many trials the cluster holds at once, so no trial waits forever for its workers."""
     res = space.resources
-    per_trial_cpu = res.workers * res.cpus_per_worker
+    per_trial_cpu = res.workers * res.cpus_per_worker + (DRIVER_CPU if res.workers > 1 else 0.0)
     fits = int(cluster.get("CPU", 1) // per_trial_cpu) if per_trial_cpu else 1
     if res.gpus_per_worker > 0:
         fits = min(fits, int(cluster.get("GPU", 0) // (res.workers * res.gpus_per_worker)))
     if fits < 1:
         raise ValueError(
-            f"resources: one trial needs {res.workers} x ({res.cpus_per_worker} CPU, {res.gpus_per_worker} GPU) "
+            f"resources: one trial needs {res.workers} x ({res.cpus_per_worker} CPU, {res.gpus_per_worker} GPU)"
+            f"{' + a driver' if res.workers > 1 else ''} "
             f"but the cluster has {cluster.get('CPU', 0)} CPU and {cluster.get('GPU', 0)} GPU"
         )
     if space.tune.max_concurrent:
@@ -292,7 +297,7 @@ def run_sweep(opts: SweepOptions) -> dict:
     else:
         # The driver only waits on its worker group: a near-zero request avoids the deadlock where
         # drivers hold every CPU and no worker can start.
-        trial_resources = {"cpu": 0.01}
+        trial_resources = {"cpu": DRIVER_CPU}
     trainable = tune.with_resources(tune.with_parameters(trial_driver, ctx=ctx), trial_resources)
 
     t0 = time.time()
