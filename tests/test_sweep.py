@@ -154,3 +154,22 @@ def test_multi_worker_trial_runs_ddp_through_ray_train(ray_cluster, tiny_set, tm
     assert "val_top1" in run.data.metrics
     files = {os.path.basename(a.path) for a in c.list_artifacts(run.info.run_id, "checkpoint")}
     assert "model.pt" in files
+
+
+def test_launch_script_smoke_test_end_to_end(tiny_set, tmp_path):
+    """`python launch/sweep.py --smoke-test` (what `ray submit` runs) in a fresh process and Ray."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = subprocess.run(
+        [sys.executable, os.path.join(repo, "launch", "sweep.py"), "--space", write_space(tmp_path), "--data", tiny_set,
+         "--smoke-test", "--experiment", "smoke"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    # Ray forwards trial output asynchronously: find the summary line rather than take the last.
+    summary = json.loads(next(ln for ln in out.stdout.splitlines() if ln.startswith('{"experiment"')))
+    assert summary["trials"] == 2 and summary["failed"] == 0
+    assert os.path.exists(tmp_path / "mlflow.db")  # the default store, in the working directory
+    c = client(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = c.search_runs([c.get_experiment_by_name("smoke").experiment_id], "tags.`vidtune.role` = 'trial'")
+    assert len(runs) == 2

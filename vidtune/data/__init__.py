@@ -1,0 +1,1 @@
+"""Data: manifests (pyarrow), video decoding (decord, PyAV), clip datasets, synthetic sets."""
