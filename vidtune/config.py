@@ -78,19 +78,25 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """Which network. ``arch``: ``cnn3d`` (in-house 3D CNN), ``timm`` (2D backbone per frame +
-    temporal head) or ``torchvision`` (a ``torchvision.models.video`` model by name)."""
+    """Which network. ``arch``: ``cnn3d`` (small in-house 3D CNN), ``timm`` (2D backbone per
+    frame + temporal head), ``torchvision`` (a ``torchvision.models.video`` model by name),
+    ``slowfast`` (in-house SlowFast; ``widths[0]`` is its width) or ``lipcnn`` (report 002's 3D CNN)."""
 
     arch: str = "cnn3d"
     backbone: str = ""  # timm or torchvision model name
     temporal_head: str = "avg"  # timm only: avg | attention
     widths: list = field(default_factory=lambda: [16, 32, 64])  # cnn3d stage widths
     pool: str = "avg"  # cnn3d global pooling: avg | max (max keeps small moving objects visible)
+    depths: list = field(default_factory=lambda: [1, 1, 1, 1])  # slowfast blocks per stage ([3, 4, 6, 3] = R50)
+    speed_ratio: int = 4  # slowfast alpha: the slow pathway sees every alpha-th frame
+    channel_ratio: float = 0.125  # slowfast beta: fast pathway width / slow pathway width
+    kernels: list = field(default_factory=lambda: [7, 5, 3, 3])  # lipcnn spatial kernel per block
+    head: list = field(default_factory=lambda: [256, 128])  # lipcnn hidden head layers
     dropout: float = 0.2
     pretrained: bool = False  # hub weights (needs network access)
     pretrained_path: str = ""  # local weights file, for offline use
 
-    ARCHES = ("cnn3d", "timm", "torchvision")
+    ARCHES = ("cnn3d", "timm", "torchvision", "slowfast", "lipcnn")
     HEADS = ("avg", "attention")
 
     def __post_init__(self) -> None:
@@ -105,6 +111,12 @@ class ModelConfig:
             problems.append(f"pool: unknown {self.pool!r}; choose one of ['avg', 'max']")
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout: must be in [0, 1) (got {self.dropout})")
+        if self.speed_ratio < 1 or not 0 < self.channel_ratio <= 1:
+            problems.append(f"speed_ratio must be >= 1 and channel_ratio in (0, 1] (got {self.speed_ratio}, {self.channel_ratio})")
+        if self.arch == "slowfast" and len(self.depths) != 4:
+            problems.append(f"depths: slowfast needs 4 stage depths (got {self.depths})")
+        if self.arch == "lipcnn" and len(self.kernels) != len(self.widths):
+            problems.append(f"kernels: one per entry of widths ({len(self.widths)}) (got {self.kernels})")
         if not self.widths or any(int(w) < 1 for w in self.widths):
             problems.append(f"widths: must be a non-empty list of positive ints (got {self.widths})")
         _raise_if(problems)
@@ -120,7 +132,9 @@ class TrainConfig:
     lr: float = 1e-3  # peak learning rate (OneCycle max_lr)
     weight_decay: float = 0.05
     momentum: float = 0.9  # sgd only
-    schedule: str = "onecycle"  # onecycle | cosine | constant
+    schedule: str = "onecycle"  # onecycle | cosine | constant | step
+    step_size: int = 10  # step schedule: epochs between decays
+    step_gamma: float = 0.5  # step schedule: decay factor
     warmup_pct: float = 0.1  # fraction of steps spent warming up (onecycle, cosine)
     label_smoothing: float = 0.0
     precision: str = "auto"
@@ -130,7 +144,7 @@ class TrainConfig:
     seed: int = 0
 
     OPTIMIZERS = ("adamw", "sgd")
-    SCHEDULES = ("onecycle", "cosine", "constant")
+    SCHEDULES = ("onecycle", "cosine", "constant", "step")
     PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
     def __post_init__(self) -> None:
@@ -166,6 +180,7 @@ class TrialConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     recipe: str = "classify"
+    options: dict = field(default_factory=dict)  # the recipe's own knobs (loss weights, gamma...)
     metric: str = "val_top1"
     mode: str = "max"
 
@@ -244,6 +259,10 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{path}: expected a string (got {value!r})")
         return value
+    if hint is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping (got {value!r})")
+        return dict(value)
     if hint is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{path}: expected a list (got {value!r})")

@@ -165,8 +165,10 @@ def parse_space(raw: Any, path: str = "<space>") -> SweepSpace:
              "mode": (tune or TuneSettings()).mode},
             "fixed",
         ) if recipe in RECIPES else None
+        if base is not None:
+            base.options = RECIPES[recipe].default_options(base.options)
     except ConfigError as e:
-        problems.extend(e.problems)
+        problems.extend(e.problems if not e.problems[0].startswith("options.") else [f"fixed.{p}" for p in e.problems])
 
     params: dict[str, Any] = {}
     space = raw.get("space") or {}
@@ -261,7 +263,10 @@ def _check_path(base: TrialConfig, key: str) -> None:
     try:
         get_path(base.to_dict(), key)
     except KeyError:
-        raise ConfigError(f"space.{key}: not a trial config key (e.g. train.lr, model.dropout, data.sampler_power)") from None
+        raise ConfigError(
+            f"space.{key}: not a trial config key (e.g. train.lr, model.dropout, data.sampler_power, "
+            f"options.<recipe knob>; this recipe's options: {sorted(base.options)})"
+        ) from None
 
 
 def _baseline_point(base: TrialConfig, params: dict[str, Any]) -> dict[str, Any]:

@@ -69,6 +69,10 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrialConfig, total_st
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=t.lr, total_steps=max(1, total_steps), pct_start=max(t.warmup_pct, 0.01)
         )
+    if t.schedule == "step":
+        # Decays every `step_size` epochs; the scheduler steps per optimiser step.
+        per_epoch = max(1, total_steps // max(1, t.epochs))
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=t.step_size * per_epoch, gamma=t.step_gamma)
     warmup = int(t.warmup_pct * total_steps)
 
     def factor(step: int) -> float:
@@ -148,7 +152,7 @@ def fit(
     core = model
     if distributed:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    loss_fn = recipe.build_loss(cfg, train_part.class_counts())
+    loss_fn = recipe.build_loss(cfg, train_part.class_counts())  # (outputs, labels) -> (loss, parts)
     optimizer = build_optimizer(core, cfg)
     steps_per_epoch = math.ceil(len(train_loader) / cfg.train.accumulate)
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch * cfg.train.epochs)
@@ -221,20 +225,29 @@ def fit(
 
         # --- Validation pass over every rank's share, gathered so all ranks compute the same metrics.
         model.eval()
-        outs, labs = [], []
-        with torch.no_grad(), autocast():
+        collected: dict[str, list] = {}
+        labs = []
+        val_sum = torch.zeros(2, device=device, dtype=torch.float64)  # (loss * n, n)
+        with torch.no_grad():
             for clips, labels in val_loader:
-                outs.append(model(clips.to(device, non_blocking=True)).float().cpu())
-                labs.append(labels)
-        logits = torch.cat(outs) if outs else torch.zeros(0, len(class_names))
+                labels = labels.to(device, non_blocking=True)
+                with autocast():
+                    outputs = model(clips.to(device, non_blocking=True))
+                loss, _ = loss_fn(outputs, labels)
+                val_sum += torch.stack([loss.double() * labels.shape[0], torch.tensor(float(labels.shape[0]), device=device, dtype=torch.float64)])
+                for k, v in recipe.collect(outputs).items():
+                    collected.setdefault(k, []).append(v.float().cpu())
+                labs.append(labels.cpu())
+        gathered_out = {k: torch.cat(v) for k, v in collected.items()}
         targets = torch.cat(labs) if labs else torch.zeros(0, dtype=torch.long)
         if distributed:
-            gathered: list = [None] * world
-            dist.all_gather_object(gathered, (logits, targets))
-            logits = torch.cat([g[0] for g in gathered])
-            targets = torch.cat([g[1] for g in gathered])
-        val_loss, _ = loss_fn(logits, targets)
-        scalars, details = recipe.evaluate(logits.numpy(), targets.numpy(), class_names)
+            dist.all_reduce(val_sum)
+            parts_all: list = [None] * world
+            dist.all_gather_object(parts_all, (gathered_out, targets))
+            gathered_out = {k: torch.cat([p[0][k] for p in parts_all if k in p[0]]) for k in gathered_out}
+            targets = torch.cat([p[1] for p in parts_all])
+        val_loss = val_sum[0] / val_sum[1].clamp(min=1)
+        scalars, details = recipe.evaluate({k: v.numpy() for k, v in gathered_out.items()}, targets.numpy(), class_names)
         metrics["val_loss"] = float(val_loss)
         metrics.update(scalars)
         metrics["epoch_time_s"] = time.perf_counter() - t0

@@ -29,6 +29,10 @@ MOTIONS = (
     "shrink",
     "flicker",
     "orbit",
+    "move_down_right",
+    "move_up_left",
+    "pulse",
+    "still",
 )
 
 
@@ -54,10 +58,23 @@ def profile(recipe: str, num_classes: int | None = None) -> Profile:
             raise ValueError(f"--classes: quickstart supports 2..{len(MOTIONS)} classes (got {n})")
         motions = MOTIONS[:n]
         return Profile(motions=motions, class_names=motions, weights=(1.0,) * n)
+    if recipe == "thermal_slowfast":
+        # Report 000: 14 classes, one ~54% of the videos, single-channel, wide 2:3 frames, long clips.
+        names = ("lying_with_risk", "standing", "walking", "sitting", "lying_no_risk", "falling", "crawling",
+                 "bending", "getting_up", "waving", "turning", "kneeling", "running", "stretching")
+        motions = ("still", "move_up", "move_right", "move_down", "shrink", "move_down_right", "move_left",
+                   "rotate_cw", "grow", "flicker", "rotate_ccw", "move_up_left", "orbit", "pulse")
+        weights = (54, 8, 6, 5, 4, 4, 3, 3, 3, 2, 2, 2, 2, 2)
+        return Profile(motions, names, tuple(float(w) for w in weights), grey=True, frames=(40, 64),
+                       sizes=((96, 64), (120, 80)), fps=(8, 10, 15))
+    if recipe == "lipread_3dcnn":
+        # Report 002: 5 words, greyscale, 32-frame mouth crops.
+        return Profile(("grow", "shrink", "pulse", "flicker", "rotate_cw"), ("hello", "yes", "no", "stop", "go"),
+                       (1.0,) * 5, grey=True, frames=(32, 40), sizes=((64, 64), (80, 80)), fps=(25, 30))
     raise ValueError(f"--recipe: unknown synthetic recipe {recipe!r}; choose one of {list(RECIPES)}")
 
 
-RECIPES = ("quickstart",)
+RECIPES = ("quickstart", "thermal_slowfast", "lipread_3dcnn")
 
 
 def synthesize(
@@ -168,6 +185,16 @@ def render(motion: str, prof: Profile, rng: np.random.Generator) -> tuple[np.nda
             scale = 1.5 - 1.0 * s
         elif motion == "flicker":
             bright = 0.5 + 0.5 * math.cos(phase + 2 * math.pi * 3 * s)
+        elif motion == "move_down_right":
+            cx = width * (0.5 - travel / 2 + travel * s)
+            cy = height * (0.5 - travel / 2 + travel * s)
+        elif motion == "move_up_left":
+            cx = width * (0.5 + travel / 2 - travel * s)
+            cy = height * (0.5 + travel / 2 - travel * s)
+        elif motion == "pulse":
+            scale = 1.0 + 0.5 * math.sin(phase + 2 * math.pi * 2 * s)
+        elif motion == "still":
+            pass
         elif motion == "orbit":
             r = min(width, height) * 0.2
             cx = width / 2 + r * math.cos(phase + 2 * math.pi * s)

@@ -4,6 +4,8 @@
 - ``timm``: any timm 2D backbone applied per frame, then a temporal head (``avg`` or
   ``attention``: self-attention over time with learned positions, so order matters).
 - ``torchvision``: a ``torchvision.models.video`` model by name (``r3d_18``, ``r2plus1d_18``...).
+- ``slowfast``: SlowFast with configurable width/depth (``models/slowfast.py``).
+- ``lipcnn``: report 002's four-block 3D CNN with a graduated-dropout head.
 """
 
 from __future__ import annotations
@@ -25,6 +27,17 @@ def build_model(cfg: ModelConfig, num_classes: int, in_channels: int = 3, num_fr
         return FrameClassifier(cfg, num_classes, in_channels, num_frames)
     if cfg.arch == "torchvision":
         return build_torchvision_video(cfg, num_classes)
+    if cfg.arch in ("slowfast", "lipcnn"):
+        from vidtune.models.slowfast import LipCnn3d, SlowFast
+
+        if cfg.arch == "slowfast":
+            model = SlowFast(in_channels, num_classes, int(cfg.widths[0]), tuple(int(d) for d in cfg.depths),
+                             cfg.speed_ratio, cfg.channel_ratio, cfg.dropout)
+        else:
+            model = LipCnn3d(in_channels, num_classes, tuple(int(w) for w in cfg.widths), tuple(int(k) for k in cfg.kernels),
+                             tuple(int(h) for h in cfg.head), cfg.dropout)
+        _load_local_weights(model, cfg.pretrained_path)
+        return model
     raise ConfigError(f"model.arch: unknown {cfg.arch!r}; choose one of {list(ModelConfig.ARCHES)}")
 
 

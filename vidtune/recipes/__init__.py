@@ -7,9 +7,9 @@ loop is the same for all of them. Add one by writing a module and listing it in 
 from __future__ import annotations
 
 from vidtune.config import ConfigError
-from vidtune.recipes.classify import ClassifyRecipe
+from vidtune.recipes.classify import ClassifyRecipe, LipreadRecipe, ThermalSlowFastRecipe
 
-RECIPES = {"classify": ClassifyRecipe()}
+RECIPES = {r.name: r for r in (ClassifyRecipe(), ThermalSlowFastRecipe(), LipreadRecipe())}
 
 
 def get_recipe(name: str):

@@ -1,0 +1,63 @@
+"""What every recipe provides. Subclasses override the parts that differ from classification."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from vidtune.config import TrialConfig, from_dict
+from vidtune.metrics import classification_metrics
+from vidtune.models import build_model
+
+
+PER_CLASS_METRICS_MAX = 32  # above this, per-class numbers stay in the checkpoint's config.json
+
+
+@dataclass
+class NoOptions:
+    pass
+
+
+class Recipe:
+    """Plain video classification; the base of the seed recipes.
+
+    ``Options`` is the dataclass of the recipe's own knobs, found in a trial config under
+    ``options`` (space keys ``options.<name>``). ``synthetic`` names the recipe's synthetic profile.
+    """
+
+    name = "classify"
+    Options: type = NoOptions
+    synthetic = "quickstart"
+
+    def options(self, cfg: TrialConfig):
+        return from_dict(self.Options, cfg.options, "options")
+
+    def default_options(self, given: dict) -> dict:
+        """``given`` completed with the defaults (so every knob has a baseline value)."""
+        return asdict(from_dict(self.Options, given or {}, "options"))
+
+    def build_model(self, cfg: TrialConfig, num_classes: int) -> nn.Module:
+        return build_model(cfg.model, num_classes, in_channels=cfg.data.channels, num_frames=cfg.data.num_frames)
+
+    def build_loss(self, cfg: TrialConfig, class_counts: np.ndarray):
+        ce = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
+
+        def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
+            return ce(logits.float(), labels), {}
+
+        return loss_fn
+
+    def collect(self, outputs) -> dict[str, torch.Tensor]:
+        """Per-sample validation outputs to gather across ranks (``logits`` at least)."""
+        return {"logits": outputs}
+
+    def evaluate(self, collected: dict[str, np.ndarray], labels: np.ndarray, class_names: list[str]) -> tuple[dict, dict]:
+        scalars, details = classification_metrics(collected["logits"], labels, class_names)
+        out = {f"val_{k}": v for k, v in scalars.items()}
+        if len(class_names) <= PER_CLASS_METRICS_MAX:
+            # Per-class accuracy as metrics, so the MLflow UI charts the rare classes too.
+            out.update({f"val_acc/{name}": v for name, v in details["per_class_acc"].items()})
+        return out, details
