@@ -103,7 +103,7 @@ def test_predictor_loads_a_checkpoint(tiny_set, tmp_path):
 def test_precision_and_schedules():
     assert resolve_precision("fp32", torch.device("cpu")) is None
     assert resolve_precision("bf16", torch.device("cpu")) == torch.bfloat16
-    assert resolve_precision("auto", torch.device("cpu")) in (None, torch.bfloat16)
+    assert resolve_precision("auto", torch.device("cpu")) is None  # bf16 conv3d grads can be NaN on CPU
     for schedule in ("onecycle", "cosine", "constant"):
         opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
         sched = build_scheduler(opt, small_cfg(**{"train.schedule": schedule, "train.lr": 0.1}), total_steps=20)

@@ -43,12 +43,10 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
         return torch.bfloat16
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    # On CPUs without native bf16 (AVX512-BF16 / AMX) bf16 autocast is slower than fp32.
-    try:
-        fast_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    except AttributeError:
-        fast_bf16 = False
-    return torch.bfloat16 if fast_bf16 else None
+    # CPU: fp32. bf16 autocast is faster on CPUs with AVX512-BF16/AMX, but torch 2.14's CPU conv3d
+    # returns NaN weight gradients in bf16 for some small shapes (seen: SlowFast's slow pathway,
+    # T=2, 4x4, 16 channels), so it is opt-in per space (`precision: bf16`) where a recipe was checked.
+    return None
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrialConfig) -> torch.optim.Optimizer:

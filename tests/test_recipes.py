@@ -1,0 +1,140 @@
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vidtune.config import ConfigError, ModelConfig, TrialConfig
+from vidtune.data.manifest import read_manifest
+from vidtune.data.synth import profile, synthesize
+from vidtune.losses import focal_loss, inverse_sqrt_frequency
+from vidtune.models import build_model
+from vidtune.recipes import RECIPES, get_recipe
+from vidtune.space import load_space
+from vidtune.train import fit
+
+
+# --- losses -------------------------------------------------------------------------------------
+def test_focal_loss_is_cross_entropy_at_gamma_zero():
+    torch.manual_seed(0)
+    logits, labels = torch.randn(16, 5), torch.randint(0, 5, (16,))
+    torch.testing.assert_close(focal_loss(logits, labels, gamma=0.0), F.cross_entropy(logits, labels))
+    torch.testing.assert_close(
+        focal_loss(logits, labels, gamma=0.0, label_smoothing=0.1), F.cross_entropy(logits, labels, label_smoothing=0.1)
+    )
+
+
+def test_focal_loss_matches_a_hand_computation():
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 3.0]])
+    labels = torch.tensor([0, 1])
+    alpha = torch.tensor([0.5, 2.0, 1.0])
+    p = torch.softmax(logits, 1)
+    p0, p1 = float(p[0, 0]), float(p[1, 1])
+    expected = (0.5 * (1 - p0) ** 2 * -math.log(p0) + 2.0 * (1 - p1) ** 2 * -math.log(p1)) / 2
+    assert float(focal_loss(logits, labels, gamma=2.0, alpha=alpha)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_inverse_sqrt_frequency_weights_rare_classes_up():
+    w = inverse_sqrt_frequency(np.array([54, 8, 2]))
+    assert float(w.mean()) == pytest.approx(1.0)
+    assert w[2] / w[0] == pytest.approx(math.sqrt(54 / 2), rel=1e-5)
+
+
+# --- models of the reports ----------------------------------------------------------------------
+def test_lipcnn_with_the_reports_settings_has_the_reports_parameter_count():
+    model = build_model(ModelConfig(arch="lipcnn", widths=[64, 128, 256, 512], kernels=[7, 5, 3, 3], dropout=0.4), 5, in_channels=1)
+    assert sum(p.numel() for p in model.parameters()) == 5_215_237  # report 002's count
+    drops = [m.p for m in model.head if isinstance(m, torch.nn.Dropout)]
+    assert drops == pytest.approx([0.4, 0.2, 0.12])
+
+
+def test_slowfast_pathways_and_r50_layout():
+    tiny = build_model(ModelConfig(arch="slowfast", widths=[8], depths=[1, 1, 1, 1], speed_ratio=4, channel_ratio=0.25), 14, in_channels=1)
+    x = torch.randn(2, 1, 16, 64, 64)  # (B, C, T, H, W)
+    assert tiny(x).shape == (2, 14)
+    slow_in = tiny.slow_stem[0]
+    assert slow_in.kernel_size[0] == 1 and tiny.fast_stem[0].kernel_size[0] == 5  # slow stem: no temporal conv
+    r50 = build_model(ModelConfig(arch="slowfast", widths=[64], depths=[3, 4, 6, 3], channel_ratio=0.125), 400)
+    assert 33e6 < sum(p.numel() for p in r50.parameters()) < 36e6  # SlowFast-R50 4x16 is ~34.5M
+
+
+def test_slowfast_needs_four_stages():
+    with pytest.raises(ConfigError, match="depths: slowfast needs 4 stage depths"):
+        ModelConfig(arch="slowfast", depths=[1, 1])
+
+
+# --- recipes and their data ---------------------------------------------------------------------
+def test_thermal_profile_has_the_reports_imbalance(tmp_path):
+    prof = profile("thermal_slowfast")
+    assert len(prof.class_names) == 14 and prof.grey
+    m = read_manifest(synthesize(str(tmp_path), "thermal_slowfast", videos_per_class=20, seed=0))
+    counts = m.class_counts()
+    assert counts.argmax() == m.class_names.index("lying_with_risk")
+    assert 0.4 < counts.max() / counts.sum() < 0.6
+    assert (m.class_counts("val") > 0).all() and (m.class_counts("train") > 0).all()
+
+
+def test_lipread_profile_is_grey_32_frames(tmp_path):
+    m = read_manifest(synthesize(str(tmp_path), "lipread_3dcnn", videos_per_class=2, seed=0))
+    assert m.num_classes == 5 and m.column("num_frames").min() >= 32
+
+
+@pytest.mark.parametrize("name", ["thermal_slowfast", "lipread_3dcnn"])
+def test_seed_spaces_start_from_the_reports_configuration(name):
+    space = load_space(name)
+    assert space.recipe == name and get_recipe(name).synthetic == name
+    if name == "thermal_slowfast":
+        assert space.tune.metric == "val_mean_class_acc"
+        assert space.points[0]["options.loss"] == "ce" and space.points[0]["data.sampler_power"] == 0.0
+        assert {"options.focal_gamma", "data.sampler_power", "train.label_smoothing"} <= set(space.params)
+    else:
+        first = space.points[0]
+        assert first["train.optimizer"] == "sgd" and first["train.lr"] == 0.01 and first["train.batch_size"] == 2
+        assert space.base.train.schedule == "step" and space.base.train.step_size == 10 and space.base.train.step_gamma == 0.5
+
+
+def test_focal_recipe_trains_with_class_alpha_and_logs_per_class_accuracy(tmp_path):
+    m = read_manifest(synthesize(str(tmp_path / "d"), "thermal_slowfast", videos_per_class=8, seed=1))
+    cfg = TrialConfig.from_dict(
+        {
+            "recipe": "thermal_slowfast",
+            "metric": "val_mean_class_acc",
+            "data": {"num_segments": 8, "crop_size": 32, "decode_short_side": 40, "channels": 1, "mean": [0.5], "std": [0.25],
+                     "hflip": 0.0, "num_workers": 0, "sampler_power": 0.5},
+            "model": {"arch": "slowfast", "widths": [4], "depths": [1, 1, 1, 1], "channel_ratio": 0.5},
+            "train": {"epochs": 1, "batch_size": 4, "optimizer": "sgd", "lr": 0.01},
+            "options": {"loss": "focal", "focal_gamma": 1.5, "class_alpha": True},
+        }
+    )
+    reports = []
+    fit(cfg, m, str(tmp_path / "w"), report=lambda mm, d: reports.append(mm))
+    metrics = reports[0]
+    assert math.isfinite(metrics["train_loss"]) and "val_mean_class_acc" in metrics
+    assert {f"val_acc/{n}" for n in m.class_names} <= set(metrics)
+
+
+def test_unknown_recipe_option_is_named():
+    recipe = RECIPES["thermal_slowfast"]
+    with pytest.raises(ConfigError, match="options.gama: unknown key"):
+        recipe.options(TrialConfig(options={"gama": 2}))
+    with pytest.raises(ConfigError, match="loss: unknown 'hinge'"):
+        recipe.options(TrialConfig(options={"loss": "hinge"}))
+
+
+def test_auto_precision_trains_slowfast_on_cpu_without_nan(tmp_path):
+    """torch's CPU bf16 conv3d gives NaN weight gradients for some SlowFast shapes; `auto` avoids it."""
+    m = read_manifest(synthesize(str(tmp_path / "d"), "thermal_slowfast", videos_per_class=8, seed=1))
+    cfg = TrialConfig.from_dict(
+        {
+            "recipe": "thermal_slowfast",
+            "data": {"num_segments": 8, "crop_size": 32, "decode_short_side": 40, "channels": 1, "mean": [0.5],
+                     "std": [0.25], "hflip": 0.0, "num_workers": 0},
+            "model": {"arch": "slowfast", "widths": [4], "depths": [1, 1, 1, 1], "channel_ratio": 0.5},
+            "train": {"epochs": 1, "batch_size": 4, "optimizer": "sgd", "lr": 0.01, "precision": "auto"},
+        }
+    )
+    summary = fit(cfg, m, str(tmp_path / "w"))
+    assert math.isfinite(summary["metrics"]["train_loss"])
