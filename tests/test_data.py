@@ -175,11 +175,12 @@ def test_clip_dataset_shapes_and_normalisation(tiny_set):
     cfg = DataConfig(num_segments=4, frames_per_segment=2, crop_size=48, decode_short_side=56, hflip=0.5)
     train = ClipDataset(m.split("train"), cfg, train=True)
     val = ClipDataset(m.split("val"), cfg, train=False)
-    x, y = train[0]
+    x, y, row = train[0]
+    assert row == 0
     assert x.shape == (3, 8, 48, 48) and x.dtype == torch.float32 and isinstance(y, int)
     assert torch.isfinite(x).all() and -3 < float(x.mean()) < 3
-    v1, _ = val[1]
-    v2, _ = val[1]
+    v1, _, _ = val[1]
+    v2, _, _ = val[1]
     torch.testing.assert_close(v1, v2)  # validation views are deterministic
     grey = ClipDataset(m.split("val"), DataConfig(channels=1, crop_size=48, decode_short_side=56), train=False)
     assert grey[0][0].shape[0] == 1
@@ -196,8 +197,8 @@ def test_unreadable_video_during_training_is_skipped_then_fatal(tiny_set, tmp_pa
     with open(victim, "wb") as f:
         f.write(b"garbage")
     ds = ClipDataset(m.split("train"), DataConfig(crop_size=48, decode_short_side=56), train=True)
-    x, y = ds[0]  # replaced by another video of the same class
-    assert y == int(m.column("label")[0]) and victim in ds.bad
+    x, y, row = ds[0]  # replaced by another video of the same class
+    assert y == int(m.column("label")[0]) and victim in ds.bad and row != 0
     for p in m.column("path"):
         with open(p, "wb") as f:
             f.write(b"garbage")

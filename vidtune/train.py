@@ -150,7 +150,9 @@ def fit(
     core = model
     if distributed:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    loss_fn = recipe.build_loss(cfg, train_part.class_counts())  # (outputs, labels) -> (loss, parts)
+    loss_fn = recipe.build_loss(cfg, train_part.class_counts())  # (outputs, labels, extra) -> (loss, parts)
+    # Per-row targets a recipe computes once per data set (e.g. a frozen teacher's outputs).
+    extras = {name: recipe.prepare(cfg, part, work_dir) for name, part in (("train", train_part), ("val", val_part))}
     optimizer = build_optimizer(core, cfg)
     steps_per_epoch = math.ceil(len(train_loader) / cfg.train.accumulate)
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch * cfg.train.epochs)
@@ -188,15 +190,16 @@ def fit(
         part_sums: dict[str, torch.Tensor] = {}
         seen = 0
         optimizer.zero_grad(set_to_none=True)
-        for step, (clips, labels) in enumerate(train_loader):
+        for step, (clips, labels, rows) in enumerate(train_loader):
             clips = clips.to(device, non_blocking=True)  # (B, C, T, H, W)
             labels = labels.to(device, non_blocking=True)
+            extra = {k: v[rows].to(device, non_blocking=True) for k, v in extras["train"].items()}
             stepping = (step + 1) % cfg.train.accumulate == 0 or step + 1 == len(train_loader)
             sync = contextlib.nullcontext() if stepping or not distributed else model.no_sync()
             with sync:
                 with autocast():
                     outputs = model(clips)
-                loss, parts = loss_fn(outputs, labels)
+                loss, parts = loss_fn(outputs, labels, extra)
                 scaler.scale(loss / cfg.train.accumulate).backward()
             if stepping:
                 if cfg.train.clip_grad_norm > 0:
@@ -227,11 +230,12 @@ def fit(
         labs = []
         val_sum = torch.zeros(2, device=device, dtype=torch.float64)  # (loss * n, n)
         with torch.no_grad():
-            for clips, labels in val_loader:
+            for clips, labels, rows in val_loader:
                 labels = labels.to(device, non_blocking=True)
+                extra = {k: v[rows].to(device, non_blocking=True) for k, v in extras["val"].items()}
                 with autocast():
                     outputs = model(clips.to(device, non_blocking=True))
-                loss, _ = loss_fn(outputs, labels)
+                loss, _ = loss_fn(outputs, labels, extra)
                 val_sum += torch.stack([loss.double() * labels.shape[0], torch.tensor(float(labels.shape[0]), device=device, dtype=torch.float64)])
                 for k, v in recipe.collect(outputs).items():
                     collected.setdefault(k, []).append(v.float().cpu())

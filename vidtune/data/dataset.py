@@ -87,8 +87,9 @@ def center_crop(clip: torch.Tensor, size: int) -> torch.Tensor:
 
 
 class ClipDataset(Dataset):
-    """One clip per manifest row. ``train`` picks random offsets, crops and flips; each sample's
-    randomness comes from ``(seed, epoch, index)`` so runs repeat exactly."""
+    """One clip per manifest row: ``(clip (C, T, H, W), label, row)``. ``train`` picks random
+    offsets, crops and flips; each sample's randomness comes from ``(seed, epoch, index)`` so runs
+    repeat exactly. ``row`` indexes per-row recipe targets (e.g. cached teacher outputs)."""
 
     def __init__(self, manifest: Manifest, cfg: DataConfig, train: bool, seed: int = 0):
         self.cfg = cfg
@@ -141,14 +142,16 @@ class ClipDataset(Dataset):
         first_error = None
         for _ in range(MAX_BAD_VIDEOS):
             try:
-                return self.load(i, rng), int(self.labels[i])
+                return self.load(i, rng), int(self.labels[i]), i  # i: the row actually read
             except VideoError as e:
                 # Skip a bad file for another of the same class, a bounded number of times.
                 self.bad[str(self.paths[i])] = str(e)
                 first_error = first_error or e
                 if len(self.bad) >= MAX_BAD_VIDEOS:
                     break
-                same = np.flatnonzero(self.labels == self.labels[i])
+                same = [j for j in np.flatnonzero(self.labels == self.labels[i]) if str(self.paths[j]) not in self.bad]
+                if not same:
+                    break
                 i = int(rng.choice(same))
         raise RuntimeError(
             f"{len(self.bad)} unreadable videos, giving up; first: {first_error}. "

@@ -42,10 +42,17 @@ class Recipe:
     def build_model(self, cfg: TrialConfig, num_classes: int) -> nn.Module:
         return build_model(cfg.model, num_classes, in_channels=cfg.data.channels, num_frames=cfg.data.num_frames)
 
+    def prepare(self, cfg: TrialConfig, manifest, work_dir: str) -> dict[str, torch.Tensor]:
+        """Per-row tensors ``(N, ...)`` for ``manifest``'s rows, computed once before training and
+        handed to the loss as ``extra`` for each batch's rows. None by default."""
+        return {}
+
     def build_loss(self, cfg: TrialConfig, class_counts: np.ndarray):
+        """``loss_fn(outputs, labels, extra) -> (loss, {part_name: value})``; parts are logged as
+        ``train_loss_<part>``."""
         ce = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
 
-        def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        def loss_fn(logits: torch.Tensor, labels: torch.Tensor, extra: dict | None = None) -> tuple[torch.Tensor, dict]:
             return ce(logits.float(), labels), {}
 
         return loss_fn

@@ -39,10 +39,10 @@ class ClassifyRecipe(Recipe):
         opts = self.options(cfg)
         if opts.loss == "ce":
             ce = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
-            return lambda logits, labels: (ce(logits.float(), labels), {})
+            return lambda logits, labels, extra=None: (ce(logits.float(), labels), {})
         alpha = inverse_sqrt_frequency(class_counts) if opts.class_alpha else None
 
-        def loss_fn(logits: torch.Tensor, labels: torch.Tensor):
+        def loss_fn(logits: torch.Tensor, labels: torch.Tensor, extra: dict | None = None):
             return focal_loss(logits, labels, opts.focal_gamma, alpha, cfg.train.label_smoothing), {}
 
         return loss_fn
