@@ -138,3 +138,68 @@ def test_auto_precision_trains_slowfast_on_cpu_without_nan(tmp_path):
     )
     summary = fit(cfg, m, str(tmp_path / "w"))
     assert math.isfinite(summary["metrics"]["train_loss"])
+
+
+# --- anomaly (report 001) -----------------------------------------------------------------------
+def test_mil_ranking_loss_by_hand():
+    from vidtune.losses import mil_ranking_loss
+
+    scores = torch.tensor([0.9, 0.2, 0.6, 0.1])
+    abnormal = torch.tensor([True, False, True, False])
+    # margin + mean(normal) - mean(abnormal) = 0.5 + 0.15 - 0.75 < 0 -> 0
+    assert float(mil_ranking_loss(scores, abnormal, 0.5)) == 0.0
+    assert float(mil_ranking_loss(scores, abnormal, 0.7)) == pytest.approx(0.1)
+    assert float(mil_ranking_loss(scores, torch.zeros(4, dtype=torch.bool), 0.5)) == 0.0
+
+
+def test_vae_loss_by_hand():
+    from vidtune.losses import vae_loss
+
+    recon, target = torch.tensor([[1.0, 2.0]]), torch.tensor([[0.0, 2.0]])
+    mu, logvar = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, math.log(2.0)]])
+    kl = -0.5 * ((1 + 0 - 1 - 1) + (1 + math.log(2.0) - 0 - 2.0))
+    assert float(vae_loss(recon, target, mu, logvar, beta=0.1)) == pytest.approx(0.5 + 0.1 * kl, rel=1e-5)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_roc_auc_matches_scikit_learn(seed):
+    from sklearn.metrics import roc_auc_score
+
+    from vidtune.metrics import roc_auc
+
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, 300).astype(bool)
+    s = np.round(rng.normal(size=300) + y, 1)  # rounding makes ties
+    assert roc_auc(s, y) == pytest.approx(roc_auc_score(y, s))
+    assert math.isnan(roc_auc(s, np.zeros(300, dtype=bool)))
+
+
+def test_anomaly_recipe_logs_every_loss_part_and_auc(tmp_path):
+    m = read_manifest(synthesize(str(tmp_path / "d"), "anomaly_multitask", videos_per_class=14, seed=0))
+    assert m.class_names[0] == "NormalVideos" and m.class_counts().argmax() == 0
+    for encoder in ("bilstm", "transformer"):
+        cfg = TrialConfig.from_dict(
+            {
+                "recipe": "anomaly_multitask",
+                "metric": "val_f1_macro",
+                "data": {"num_segments": 4, "crop_size": 32, "decode_short_side": 40, "hflip": 0.0, "num_workers": 0,
+                         "sampler_power": 0.5},
+                "model": {"arch": "timm", "backbone": "test_efficientnet", "dropout": 0.3},
+                "train": {"epochs": 1, "batch_size": 8, "lr": 1e-3, "onecycle_div": 10, "accumulate": 2, "clip_grad_norm": 1.0},
+                "options": {"encoder": encoder, "hidden": 32, "latent": 8},
+            }
+        )
+        reports = []
+        fit(cfg, m, str(tmp_path / encoder), report=lambda mm, d: reports.append(mm))
+        got = reports[0]
+        for part in ("reg", "focal", "mil", "vae"):
+            assert math.isfinite(got[f"train_loss_{part}"]), part
+        assert 0.0 <= got["val_auc"] <= 1.0 and "val_f1_macro" in got
+
+
+def test_anomaly_needs_a_normal_class():
+    from vidtune.recipes.anomaly import normal_index
+
+    assert normal_index(["Abuse", "NormalVideos"]) == 1
+    with pytest.raises(ConfigError, match="no class name starts with 'normal'"):
+        normal_index(["a", "b"])

@@ -136,6 +136,7 @@ class TrainConfig:
     step_size: int = 10  # step schedule: epochs between decays
     step_gamma: float = 0.5  # step schedule: decay factor
     warmup_pct: float = 0.1  # fraction of steps spent warming up (onecycle, cosine)
+    onecycle_div: float = 25.0  # onecycle: the starting lr is lr / onecycle_div
     label_smoothing: float = 0.0
     precision: str = "auto"
     accumulate: int = 1  # optimiser step every N batches

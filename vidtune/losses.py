@@ -34,3 +34,20 @@ def focal_loss(
     if alpha is not None:
         loss = alpha.to(logits.device)[labels] * loss
     return loss.mean()
+
+
+def mil_ranking_loss(clip_scores: torch.Tensor, abnormal: torch.Tensor, margin: float = 0.5) -> torch.Tensor:
+    """Multiple-instance ranking (Sultani et al. 2018, as report 001 uses it): each clip is a bag
+    of time steps scored by their max; abnormal bags should outscore normal ones by ``margin``:
+    ``max(0, margin + mean(normal scores) - mean(abnormal scores))``. Zero when a batch lacks either."""
+    abnormal = abnormal.bool()
+    if abnormal.all() or not abnormal.any():
+        return clip_scores.sum() * 0.0  # keeps the graph (DDP expects every parameter used)
+    return F.relu(margin + clip_scores[~abnormal].mean() - clip_scores[abnormal].mean())
+
+
+def vae_loss(recon: torch.Tensor, target: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, beta: float) -> torch.Tensor:
+    """Reconstruction MSE + ``beta`` x KL(q(z|x) || N(0, I)), both averaged over the batch."""
+    mse = F.mse_loss(recon.float(), target.float())
+    kl = -0.5 * torch.mean(torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=1))
+    return mse + beta * kl

@@ -65,7 +65,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrialConfig, total_st
     t = cfg.train
     if t.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=t.lr, total_steps=max(1, total_steps), pct_start=max(t.warmup_pct, 0.01)
+            optimizer, max_lr=t.lr, total_steps=max(1, total_steps), pct_start=max(t.warmup_pct, 0.01),
+            div_factor=t.onecycle_div,
         )
     if t.schedule == "step":
         # Decays every `step_size` epochs; the scheduler steps per optimiser step.

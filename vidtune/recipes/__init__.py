@@ -7,9 +7,10 @@ loop is the same for all of them. Add one by writing a module and listing it in 
 from __future__ import annotations
 
 from vidtune.config import ConfigError
+from vidtune.recipes.anomaly import AnomalyRecipe
 from vidtune.recipes.classify import ClassifyRecipe, LipreadRecipe, ThermalSlowFastRecipe
 
-RECIPES = {r.name: r for r in (ClassifyRecipe(), ThermalSlowFastRecipe(), LipreadRecipe())}
+RECIPES = {r.name: r for r in (ClassifyRecipe(), ThermalSlowFastRecipe(), LipreadRecipe(), AnomalyRecipe())}
 
 
 def get_recipe(name: str):
