@@ -203,3 +203,64 @@ def test_anomaly_needs_a_normal_class():
     assert normal_index(["Abuse", "NormalVideos"]) == 1
     with pytest.raises(ConfigError, match="no class name starts with 'normal'"):
         normal_index(["a", "b"])
+
+
+# --- distillation (report 004) ------------------------------------------------------------------
+def test_kd_loss_is_hintons_formula():
+    from vidtune.losses import kd_response_loss
+
+    s, t, temp = torch.tensor([[1.0, 2.0, 0.5]]), torch.tensor([[0.2, 1.5, 1.0]]), 3.0
+    p_t = torch.softmax(t / temp, 1)[0]
+    p_s = torch.softmax(s / temp, 1)[0]
+    expected = temp**2 * float(sum(p_t[i] * math.log(p_t[i] / p_s[i]) for i in range(3)))
+    assert float(kd_response_loss(s, t, temp)) == pytest.approx(expected, rel=1e-5)
+    assert float(kd_response_loss(t, t, temp)) == pytest.approx(0.0, abs=1e-6)
+
+
+def distill_cfg(**options) -> TrialConfig:
+    return TrialConfig.from_dict(
+        {
+            "recipe": "distill_clip_mobilevit",
+            "data": {"num_segments": 4, "crop_size": 32, "decode_short_side": 40, "hflip": 0.0, "num_workers": 0},
+            "model": {"arch": "timm", "backbone": "test_efficientnet"},
+            "train": {"epochs": 1, "batch_size": 8, "lr": 1e-3},
+            "options": {"teacher_model": "test_vit", "teacher_size": 64, "embed_dim": 32, **options},
+        }
+    )
+
+
+def test_teacher_outputs_are_computed_once_and_reused(tmp_path, monkeypatch):
+    from vidtune.recipes.distill import DistillRecipe
+
+    m = read_manifest(synthesize(str(tmp_path / "d"), "distill_clip_mobilevit", videos_per_class=4, seed=0))
+    assert m.num_classes == 8
+    recipe = DistillRecipe()
+    cfg = distill_cfg()
+    emb, info = recipe.teacher_embeddings(cfg, m, str(tmp_path / "cache"))
+    assert emb.shape == (len(m), 32) and info["computed"] and info["teacher_params"] > 0
+    again, info2 = recipe.teacher_embeddings(cfg, m, str(tmp_path / "cache"))
+    assert not info2["computed"] and info2["cache"] == info["cache"]
+    np.testing.assert_array_equal(emb, again)
+    # A different teacher or other sampling settings is another cache entry.
+    assert recipe.cache_key(distill_cfg(teacher_size=32), m) != recipe.cache_key(cfg, m)
+    assert recipe.cache_key(cfg.with_overrides({"data.crop_size": 24}), m) != recipe.cache_key(cfg, m)
+
+    monkeypatch.setenv("VIDTUNE_CACHE_DIR", str(tmp_path / "cache"))
+    reports = []
+    fit(cfg, m, str(tmp_path / "w"), report=lambda mm, d: reports.append(mm))
+    got = reports[0]
+    for key in ("train_loss_feat", "train_loss_resp", "train_loss_task", "student_params", "teacher_params", "student_latency_ms"):
+        assert key in got and math.isfinite(got[key]), key
+    assert got["teacher_params"] == info["teacher_params"] and got["student_params"] > 0
+
+
+def test_teacher_path_loads_local_weights(tmp_path):
+    import timm
+
+    from vidtune.recipes.distill import DistillOptions, build_teacher
+
+    donor = timm.create_model("test_vit", num_classes=32, img_size=64)
+    torch.save(donor.state_dict(), tmp_path / "teacher.pth")
+    teacher = build_teacher(DistillOptions(teacher_model="test_vit", teacher_size=64, embed_dim=32, teacher_path=str(tmp_path / "teacher.pth")))
+    x = torch.randn(1, 3, 64, 64)
+    torch.testing.assert_close(teacher(x), donor.eval()(x))

@@ -51,3 +51,16 @@ def vae_loss(recon: torch.Tensor, target: torch.Tensor, mu: torch.Tensor, logvar
     mse = F.mse_loss(recon.float(), target.float())
     kl = -0.5 * torch.mean(torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=1))
     return mse + beta * kl
+
+
+def kd_response_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton et al. 2015: ``T^2 * KL(softmax(teacher / T) || softmax(student / T))``, batch mean."""
+    t = float(temperature)
+    log_p_student = F.log_softmax(student_logits.float() / t, dim=1)
+    p_teacher = F.softmax(teacher_logits.float() / t, dim=1)
+    return F.kl_div(log_p_student, p_teacher, reduction="batchmean") * t * t
+
+
+def feature_distill_loss(student_emb: torch.Tensor, teacher_emb: torch.Tensor) -> torch.Tensor:
+    """``1 - cos(student, teacher)``, batch mean: matches directions, as CLIP embeddings are compared."""
+    return (1.0 - F.cosine_similarity(student_emb.float(), teacher_emb.float(), dim=1)).mean()

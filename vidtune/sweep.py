@@ -79,6 +79,7 @@ def trial_driver(config: dict, ctx: dict) -> None:
 
     trial_id = tune.get_context().get_trial_id()
     cfg = TrialConfig.from_dict(ctx["base"]).with_overrides(config)
+    os.environ["VIDTUNE_CACHE_DIR"] = ctx["cache_dir"]  # frozen-model outputs shared by all trials
     work_dir = os.path.join(ctx["trials_dir"], trial_id)
     res = ctx["resources"]
 
@@ -108,6 +109,7 @@ def trial_driver(config: dict, ctx: dict) -> None:
             "manifest": ctx["manifest"],
             "work_dir": work_dir,
             "cpus_per_worker": res["cpus_per_worker"],
+            "cache_dir": ctx["cache_dir"],
         },
         scaling_config=ray.train.ScalingConfig(num_workers=res["workers"], use_gpu=use_gpu, resources_per_worker=per_worker),
         # Same (storage_path, name) after a restore: the worker group resumes from its checkpoints.
@@ -267,6 +269,14 @@ def run_sweep(opts: SweepOptions) -> dict:
     os.makedirs(sweep_dir, exist_ok=True)
     manifest_path = manifest.save(os.path.join(sweep_dir, "manifest.parquet")) if not opts.resume else os.path.join(sweep_dir, "manifest.parquet")
     trials_dir = os.path.join(sweep_dir, "trials")
+    cache_dir = os.path.join(storage, "cache")  # beside every sweep: reused across sweeps of the same data
+
+    # What does not change across trials is computed once here, not once per trial.
+    from vidtune.recipes import get_recipe
+
+    warmed = get_recipe(space.recipe).warm_cache(space.base, manifest, cache_dir)
+    if warmed:
+        print(f"cache: {warmed.get('cache')} ({'computed' if warmed.get('computed') else 'reused'})")
 
     if not ray.is_initialized():
         # Faster Train reports (the controller polls workers; 2 s by default) for multi-worker trials.
@@ -288,6 +298,7 @@ def run_sweep(opts: SweepOptions) -> dict:
         "manifest": manifest_path,
         "trials_dir": trials_dir,
         "storage": storage,
+        "cache_dir": cache_dir,
         "resources": vars(space.resources),
         "worker_failures": 2,
     }

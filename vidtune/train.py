@@ -154,6 +154,8 @@ def fit(
     loss_fn = recipe.build_loss(cfg, train_part.class_counts())  # (outputs, labels, extra) -> (loss, parts)
     # Per-row targets a recipe computes once per data set (e.g. a frozen teacher's outputs).
     extras = {name: recipe.prepare(cfg, part, work_dir) for name, part in (("train", train_part), ("val", val_part))}
+    recipe.setup(loss_fn, extras, train_part)
+    static = recipe.static_metrics(model, cfg)
     optimizer = build_optimizer(core, cfg)
     steps_per_epoch = math.ceil(len(train_loader) / cfg.train.accumulate)
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch * cfg.train.epochs)
@@ -222,7 +224,7 @@ def fit(
         if not math.isfinite(train_loss):
             # Every rank sees the same reduced value, so all of them stop together.
             raise NonFiniteLossError(f"training loss became {train_loss} at epoch {epoch} (lr {cfg.train.lr:g})")
-        metrics = {"epoch": epoch, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"]}
+        metrics = {"epoch": epoch, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"], **static}
         metrics.update({f"train_loss_{k}": float(v / totals[1]) for k, v in zip(part_sums, totals[2:])})
 
         # --- Validation pass over every rank's share, gathered so all ranks compute the same metrics.
@@ -311,6 +313,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     ctx = ray.train.get_context()
     cfg = TrialConfig.from_dict(loop_config["trial"])
     manifest = read_manifest(loop_config["manifest"])
+    if loop_config.get("cache_dir"):
+        os.environ["VIDTUNE_CACHE_DIR"] = loop_config["cache_dir"]
     torch.set_num_threads(max(1, int(loop_config.get("cpus_per_worker", 1))))
     rank0 = ctx.get_world_rank() == 0
 

@@ -80,10 +80,15 @@ def profile(recipe: str, num_classes: int | None = None) -> Profile:
         weights = (76, 4, 3, 3, 2, 2, 2, 2, 1.5, 1.5, 1, 1, 0.5, 0.5)
         return Profile(motions, names, tuple(float(w) for w in weights), frames=(24, 40), sizes=((96, 72), (128, 96)),
                        fps=(10, 15, 30))
+    if recipe == "distill_clip_mobilevit":
+        # Report 004 (Ego4D experiment): 8 egocentric actions, 8 frames a clip, ~100 clips.
+        names = ("walking", "turning", "looking_around", "manipulating", "picking_up", "putting_down", "reaching", "standing")
+        motions = ("move_down", "move_left", "orbit", "rotate_cw", "move_up", "move_down_right", "grow", "still")
+        return Profile(motions, names, (1.0,) * 8, frames=(16, 32), sizes=((112, 84), (128, 96)), fps=(15, 30))
     raise ValueError(f"--recipe: unknown synthetic recipe {recipe!r}; choose one of {list(RECIPES)}")
 
 
-RECIPES = ("quickstart", "thermal_slowfast", "lipread_3dcnn", "anomaly_multitask")
+RECIPES = ("quickstart", "thermal_slowfast", "lipread_3dcnn", "anomaly_multitask", "distill_clip_mobilevit")
 
 
 def synthesize(

@@ -167,15 +167,16 @@ def _load_local_weights(model: nn.Module, path: str) -> None:
     """Load a local state dict; keys whose shapes differ (the classifier) are left as built."""
     if not path:
         return
-    _check_weights_file(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such weights file (model.pretrained_path / options.teacher_path)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"model.pretrained_path: {path}: not a loadable weights file ({e})") from None
+        raise ValueError(f"{path}: not a loadable weights file ({str(e).splitlines()[0][:200]})") from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     own = model.state_dict()
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     if not usable:
-        raise ValueError(f"model.pretrained_path: {path}: no weights match this model")
+        raise ValueError(f"{path}: no weights in this file match the model")
     model.load_state_dict(usable, strict=False)

@@ -9,8 +9,9 @@ from __future__ import annotations
 from vidtune.config import ConfigError
 from vidtune.recipes.anomaly import AnomalyRecipe
 from vidtune.recipes.classify import ClassifyRecipe, LipreadRecipe, ThermalSlowFastRecipe
+from vidtune.recipes.distill import DistillRecipe
 
-RECIPES = {r.name: r for r in (ClassifyRecipe(), ThermalSlowFastRecipe(), LipreadRecipe(), AnomalyRecipe())}
+RECIPES = {r.name: r for r in (ClassifyRecipe(), ThermalSlowFastRecipe(), LipreadRecipe(), AnomalyRecipe(), DistillRecipe())}
 
 
 def get_recipe(name: str):

@@ -47,6 +47,17 @@ class Recipe:
         handed to the loss as ``extra`` for each batch's rows. None by default."""
         return {}
 
+    def setup(self, loss_fn, extras: dict[str, dict[str, torch.Tensor]], train_manifest) -> None:
+        """Called once after ``prepare``, before training (e.g. to fit a head on cached outputs)."""
+
+    def warm_cache(self, cfg: TrialConfig, manifest, cache_dir: str) -> dict:
+        """Compute what every trial would otherwise compute again, once, before the sweep starts."""
+        return {}
+
+    def static_metrics(self, model: nn.Module, cfg: TrialConfig) -> dict[str, float]:
+        """Metrics fixed for a trial (sizes, latency), reported with every epoch."""
+        return {}
+
     def build_loss(self, cfg: TrialConfig, class_counts: np.ndarray):
         """``loss_fn(outputs, labels, extra) -> (loss, {part_name: value})``; parts are logged as
         ``train_loss_<part>``."""
