@@ -72,12 +72,13 @@ def profile(recipe: str, num_classes: int | None = None) -> Profile:
         return Profile(("grow", "shrink", "pulse", "flicker", "rotate_cw"), ("hello", "yes", "no", "stop", "go"),
                        (1.0,) * 5, grey=True, frames=(32, 40), sizes=((64, 64), (80, 80)), fps=(25, 30))
     if recipe == "anomaly_multitask":
-        # Report 001 (UCF-Crime): "NormalVideos" ~76%, 13 anomaly classes down to ~0.5%.
+        # Report 001 (UCF-Crime): "NormalVideos" dominates (76% there), 13 anomaly classes trail off.
+        # The tail is flattened (2-6% a class) so a CPU-sized set still has a few videos of each.
         names = ("NormalVideos", "Abuse", "Arrest", "Arson", "Assault", "Burglary", "Explosion", "Fighting",
                  "RoadAccidents", "Robbery", "Shooting", "Shoplifting", "Stealing", "Vandalism")
         motions = ("still", "move_right", "move_left", "flicker", "pulse", "move_up", "grow", "orbit",
                    "move_down_right", "move_down", "shrink", "move_up_left", "rotate_cw", "rotate_ccw")
-        weights = (76, 4, 3, 3, 2, 2, 2, 2, 1.5, 1.5, 1, 1, 0.5, 0.5)
+        weights = (50, 6, 5, 5, 4, 4, 3, 3, 3, 3, 2.5, 2.5, 2, 2)
         return Profile(motions, names, tuple(float(w) for w in weights), frames=(24, 40), sizes=((96, 72), (128, 96)),
                        fps=(10, 15, 30))
     if recipe == "distill_clip_mobilevit":
