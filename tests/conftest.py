@@ -44,3 +44,13 @@ def lossless_video(tmp_path):
     path = str(tmp_path / "lossless.mkv")
     write_video(path, frames, fps=10, lossless=True)
     return path, frames
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One real local Ray for the session (2 CPUs, dashboard on for the state API)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=True, configure_logging=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -30,15 +30,6 @@ TINY_SPACE = {
 }
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=True, configure_logging=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
 def write_space(tmp_path, **patch) -> str:
     space = yaml.safe_load(yaml.safe_dump(TINY_SPACE))
     for key, value in patch.items():
