@@ -113,7 +113,7 @@ def test_focal_recipe_trains_with_class_alpha_and_logs_per_class_accuracy(tmp_pa
     fit(cfg, m, str(tmp_path / "w"), report=lambda mm, d: reports.append(mm))
     metrics = reports[0]
     assert math.isfinite(metrics["train_loss"]) and "val_mean_class_acc" in metrics
-    assert {f"val_acc/{n}" for n in m.class_names} <= set(metrics)
+    assert {f"val_acc/{n}" for n in m.class_names} | {f"val_f1/{n}" for n in m.class_names} <= set(metrics)
 
 
 def test_unknown_recipe_option_is_named():

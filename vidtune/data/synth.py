@@ -52,6 +52,15 @@ class Profile:
 
 def profile(recipe: str, num_classes: int | None = None) -> Profile:
     """The synthetic profile of a recipe (the classes, imbalance and look of its report's data)."""
+    if recipe != "quickstart" and num_classes is not None:
+        fixed = _profile(recipe, None)
+        if num_classes != len(fixed.class_names):
+            raise ValueError(f"--classes: the {recipe} set has its report's {len(fixed.class_names)} classes (got {num_classes})")
+        return fixed
+    return _profile(recipe, num_classes)
+
+
+def _profile(recipe: str, num_classes: int | None) -> Profile:
     if recipe == "quickstart":
         n = num_classes or 6
         if not 2 <= n <= len(MOTIONS):

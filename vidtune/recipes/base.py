@@ -76,6 +76,7 @@ class Recipe:
         scalars, details = classification_metrics(collected["logits"], labels, class_names)
         out = {f"val_{k}": v for k, v in scalars.items()}
         if len(class_names) <= PER_CLASS_METRICS_MAX:
-            # Per-class accuracy as metrics, so the MLflow UI charts the rare classes too.
+            # Per-class accuracy and F1 as metrics, so the MLflow UI charts the rare classes too.
             out.update({f"val_acc/{name}": v for name, v in details["per_class_acc"].items()})
+            out.update({f"val_f1/{name}": v for name, v in details["per_class_f1"].items()})
         return out, details
