@@ -39,6 +39,7 @@ def smoke(recipe: str, tmp_path, shrink: bool):
         for section, values in SHRINK[recipe].items():
             raw["fixed"].setdefault(section, {}).update(values)
     raw["fixed"]["data"]["num_workers"] = 0
+    raw["resources"]["cpus_per_worker"] = 1  # two trials at once on the 2-CPU test cluster
     path = tmp_path / f"{recipe}.yaml"
     path.write_text(yaml.safe_dump(raw))
     uri = f"sqlite:///{tmp_path}/mlflow.db"

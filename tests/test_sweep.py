@@ -7,9 +7,11 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import yaml
 
+from vidtune.preflight import PreflightError
 from vidtune.sweep import SweepOptions, run_sweep
 
 TINY_SPACE = {
@@ -57,7 +59,7 @@ def cli(*args, cwd, env=None):
 def test_sweep_tracks_every_trial_then_promote_and_predict(ray_cluster, tiny_set, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     summary = run_sweep(SweepOptions(space=write_space(tmp_path), data=tiny_set, tracking_uri=uri,
-                                     storage=str(tmp_path / "ray"), experiment="tiny-exp"))
+                                     storage=str(tmp_path / "ray"), experiment="tiny-exp", skip_preflight=True))
     assert summary["trials"] == 3 and summary["failed"] == 0
     assert summary["completed"] + summary["pruned"] == 3 and summary["completed"] >= 1
 
@@ -118,7 +120,8 @@ def test_failing_trial_is_marked_and_the_sweep_goes_on(ray_cluster, tiny_set, tm
            "extra_points": [{"train.lr": 1.0e38}], "tune/num_samples": 2, "tune/asha/grace_period": 2},
     )
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    summary = run_sweep(SweepOptions(space=path, data=tiny_set, tracking_uri=uri, storage=str(tmp_path / "ray")))
+    summary = run_sweep(SweepOptions(space=path, data=tiny_set, tracking_uri=uri, storage=str(tmp_path / "ray"),
+                                     skip_preflight=True))
     assert summary["failed"] == 1 and summary["completed"] == 1
     c = client(uri)
     runs = c.search_runs([c.get_experiment_by_name("tiny").experiment_id], "tags.`vidtune.role` = 'trial'")
@@ -131,15 +134,21 @@ def test_failing_trial_is_marked_and_the_sweep_goes_on(ray_cluster, tiny_set, tm
 def test_trial_larger_than_the_cluster_is_refused_before_it_starts(ray_cluster, tiny_set, tmp_path):
     path = write_space(tmp_path, **{"resources/workers": 2, "resources/cpus_per_worker": 1})
     with pytest.raises(ValueError, match=r"one trial needs 2 x \(1.0 CPU, 0.0 GPU\) \+ a driver but the cluster has 2.0 CPU"):
-        run_sweep(SweepOptions(space=path, data=tiny_set, tracking_uri=f"sqlite:///{tmp_path}/m.db", storage=str(tmp_path / "r")))
+        run_sweep(SweepOptions(space=path, data=tiny_set, tracking_uri=f"sqlite:///{tmp_path}/m.db", storage=str(tmp_path / "r"),
+                               skip_preflight=True))
 
 
 def test_multi_worker_trial_runs_ddp_through_ray_train(ray_cluster, tiny_set, tmp_path):
     path = write_space(tmp_path, **{"resources/workers": 2, "resources/cpus_per_worker": 0.5, "tune/num_samples": 1,
                                     "fixed/train/epochs": 1})
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    summary = run_sweep(SweepOptions(space=path, data=tiny_set, tracking_uri=uri, storage=str(tmp_path / "ray")))
+    summary = run_sweep(SweepOptions(space=path, data=tiny_set, tracking_uri=uri, storage=str(tmp_path / "ray"),
+                                     skip_preflight=True))
     assert summary["completed"] == 1, summary
+    from ray.util import placement_group_table
+
+    # The worker group's placement group is released when the sweep returns (none left reserved).
+    assert not [pg for pg in placement_group_table().values() if pg["state"] == "CREATED"]
     c = client(uri)
     run = c.get_run(summary["best_run_id"])
     assert "val_top1" in run.data.metrics
@@ -164,3 +173,20 @@ def test_launch_script_smoke_test_end_to_end(tiny_set, tmp_path):
     c = client(f"sqlite:///{tmp_path}/mlflow.db")
     runs = c.search_runs([c.get_experiment_by_name("smoke").experiment_id], "tags.`vidtune.role` = 'trial'")
     assert len(runs) == 2
+
+
+def test_sweep_refuses_to_start_on_a_broken_pipeline(ray_cluster, quick_set, tmp_path):
+    """Report 002's failure: labels that do not match the videos. Caught before any trial runs."""
+    import pyarrow as pa
+
+    from vidtune.data.manifest import Manifest, read_manifest
+
+    m = read_manifest(quick_set)
+    labels = np.random.default_rng(0).permutation(m.column("label"))
+    Manifest(m.table.set_column(1, "label", pa.array(labels, pa.int32())), m.class_names).save(str(tmp_path / "shuffled.parquet"))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    space = write_space(tmp_path, **{"fixed/data/crop_size": 48, "fixed/data/decode_short_side": 56,
+                                     "fixed/data/num_segments": 8, "fixed/model/widths": [16, 32, 64]})
+    with pytest.raises(PreflightError, match=r"preflight failed \(chance\): chance: FAIL: pilot val mean class acc"):
+        run_sweep(SweepOptions(space=space, data=str(tmp_path / "shuffled.parquet"), tracking_uri=uri, storage=str(tmp_path / "ray")))
+    assert not os.path.exists(tmp_path / "ray")  # no trial, no sweep folder

@@ -152,6 +152,19 @@ def _checkpoint_folder(path: str) -> str:
     return nested if not os.path.exists(os.path.join(path, "config.json")) and os.path.isdir(nested) else path
 
 
+def cmd_preflight(a) -> int:
+    from vidtune.preflight import failed, run_preflight
+    from vidtune.space import default_space_path, load_space
+    from vidtune.sweep import prepare_data
+
+    space = load_space(a.space or default_space_path())
+    manifest = prepare_data(space, a.data, "data")
+    findings = run_preflight(space.base, manifest)
+    bad = failed(findings)
+    print(f"preflight: {len(bad)} of {len({f.check for f in findings})} checks failed" if bad else "preflight: all checks passed")
+    return 1 if bad else 0
+
+
 def cmd_not_yet(a) -> int:
     raise NotImplementedError(f"`vidtune {a.command}` is not available in this version")
 
@@ -162,7 +175,7 @@ COMMANDS = {
     ("sweep", None): cmd_sweep,
     ("promote", None): cmd_promote,
     ("predict", None): cmd_predict,
-    ("preflight", None): cmd_not_yet,
+    ("preflight", None): cmd_preflight,
     ("report", None): cmd_not_yet,
 }
 
@@ -173,9 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     from vidtune.checkpoint import CheckpointError
     from vidtune.config import ConfigError
     from vidtune.data.video import VideoError
+    from vidtune.preflight import PreflightError
     from vidtune.tracking import TrackingError
 
-    user_errors = (ConfigError, CheckpointError, TrackingError, VideoError, FileNotFoundError, ValueError,
+    user_errors = (ConfigError, CheckpointError, TrackingError, VideoError, PreflightError, FileNotFoundError, ValueError,
                    yaml.YAMLError, NotImplementedError, PermissionError)
     try:
         return handler(args)

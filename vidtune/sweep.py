@@ -251,6 +251,12 @@ def run_sweep(opts: SweepOptions) -> dict:
     _describe_data(manifest)
     if manifest.skipped:
         print(f"left out {len(manifest.skipped)} unreadable videos; first: {manifest.skipped[0][0]}: {manifest.skipped[0][1]}")
+    if not opts.skip_preflight and not opts.resume:
+        from vidtune.preflight import raise_if_failed, run_preflight
+
+        print("preflight (skip with --skip-preflight):")
+        # A smoke test checks plumbing on a handful of videos: too few for the chance pilot.
+        raise_if_failed(run_preflight(space.base, manifest, log=lambda line: print(f"  {line}"), pilot=not opts.smoke_test))
 
     import optuna
     import ray
@@ -353,8 +359,12 @@ def run_sweep(opts: SweepOptions) -> dict:
                 verbose=1,
             ),
         )
+    pgs_before = _live_placement_groups()
     results = tuner.fit()
     wall = time.time() - t0
+    released = _release_placement_groups(pgs_before)
+    if released:
+        print(f"released {released} placement groups left reserved by finished trials")
 
     best_run, best_value = tracker.end_sweep(space.tune.metric, space.tune.mode)
     counts = {"completed": 0, "pruned": 0, "failed": 0}
@@ -379,6 +389,32 @@ def run_sweep(opts: SweepOptions) -> dict:
     if errors:
         summary["failure_reasons"] = sorted({str(e).strip().splitlines()[-1][:200] for e in errors})
     return summary
+
+
+def _live_placement_groups() -> set[str]:
+    from ray.util import placement_group_table
+
+    return {pid for pid, pg in placement_group_table().items() if pg["state"] in ("CREATED", "PENDING", "RESCHEDULING")}
+
+
+def _release_placement_groups(before: set[str], wait_s: float = 20.0) -> int:
+    """Train V2 frees a finished worker group's placement group asynchronously, and has been seen
+    to leave one reserved for good (its CPUs then starve every later trial). Once the sweep is over,
+    wait briefly for Ray to release what the sweep's trials created, then remove what remains."""
+    import ray
+    from ray.util import placement_group_table
+    from ray.util.placement_group import PlacementGroup
+
+    deadline = time.time() + wait_s
+    while True:
+        left = _live_placement_groups() - before
+        if not left or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    for pid in left:
+        with contextlib.suppress(Exception):
+            ray.util.remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pid))))
+    return len([pid for pid in left if placement_group_table().get(pid, {}).get("state") == "REMOVED"])
 
 
 def _describe_data(manifest: Manifest) -> None:
