@@ -131,6 +131,21 @@ def test_failing_trial_is_marked_and_the_sweep_goes_on(ray_cluster, tiny_set, tm
     assert float(failed[0].data.params["train.lr"]) == 1e38
 
 
+def test_trial_still_at_chance_after_the_grace_period_is_tagged(ray_cluster, tiny_set, tmp_path):
+    path = write_space(
+        tmp_path,
+        **{"space/train.lr": {"type": "categorical", "choices": [0.005, 1.0e-12]}, "fixed/train/schedule": "constant",
+           "fixed/train/warmup_pct": 0.0, "extra_points": [{"train.lr": 1.0e-12}], "tune/num_samples": 2},
+    )
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run_sweep(SweepOptions(space=path, data=tiny_set, tracking_uri=uri, storage=str(tmp_path / "ray"), skip_preflight=True))
+    c = client(uri)
+    runs = c.search_runs([c.get_experiment_by_name("tiny").experiment_id], "tags.`vidtune.role` = 'trial'")
+    frozen = [r for r in runs if float(r.data.params["train.lr"]) == 1e-12]
+    assert len(frozen) == 1 and frozen[0].data.tags["vidtune.at_chance"] == "true"
+    assert all(r.data.tags.get("vidtune.at_chance") in ("true", "false") for r in runs)
+
+
 def test_trial_larger_than_the_cluster_is_refused_before_it_starts(ray_cluster, tiny_set, tmp_path):
     path = write_space(tmp_path, **{"resources/workers": 2, "resources/cpus_per_worker": 1})
     with pytest.raises(ValueError, match=r"one trial needs 2 x \(1.0 CPU, 0.0 GPU\) \+ a driver but the cluster has 2.0 CPU"):

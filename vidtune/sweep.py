@@ -137,8 +137,12 @@ class MlflowTrialCallback(_tune_callback_base()):
     its status (``completed``: ran its budget or stopped early by itself; ``pruned``: stopped by
     ASHA; ``failed``: raised, with the reason), its best checkpoint as ``checkpoint/``."""
 
-    def __init__(self, tracking_uri: str, experiment: str, parent_id: str, trials_dir: str):
+    def __init__(self, tracking_uri: str, experiment: str, parent_id: str, trials_dir: str,
+                 metric: str = "", at_chance_below: float | None = None, grace_period: int = 1):
         self.tracking_uri, self.experiment, self.parent_id, self.trials_dir = tracking_uri, experiment, parent_id, trials_dir
+        # A trial whose tuned metric is still under this bar at ASHA's grace period is tagged
+        # vidtune.at_chance=true: a pipeline problem, not a bad hyperparameter, is the likely cause.
+        self.metric, self.at_chance_below, self.grace_period = metric, at_chance_below, grace_period
         self._tracker: SweepTracker | None = None
         self.last: dict[str, dict] = {}
         self.counts = {"completed": 0, "pruned": 0, "failed": 0}
@@ -162,7 +166,12 @@ class MlflowTrialCallback(_tune_callback_base()):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         run_id = self.tracker.start_trial(trial.trial_id, trial.config)
         self.last[trial.trial_id] = result
-        self.tracker.log_epoch(run_id, numeric_metrics(result), step=int(result.get("epoch", result.get("training_iteration", 0))))
+        epoch = int(result.get("epoch", result.get("training_iteration", 0)))
+        self.tracker.log_epoch(run_id, numeric_metrics(result), step=epoch)
+        value = result.get(self.metric)
+        if self.at_chance_below is not None and epoch == self.grace_period and value is not None:
+            at_chance = value < self.at_chance_below
+            self.tracker.client.set_tag(run_id, "vidtune.at_chance", str(at_chance).lower())
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = self.last.get(trial.trial_id) or trial.last_result or {}
@@ -298,7 +307,13 @@ def run_sweep(opts: SweepOptions) -> dict:
          "num_classes": manifest.num_classes, "concurrency": concurrency},
         resume=opts.resume,
     )
-    callback = MlflowTrialCallback(tracking_uri, experiment, parent_id, trials_dir)
+    from vidtune.preflight import chance_level
+
+    chance = chance_level(space.tune.metric, manifest)
+    n_val = max(1, int(manifest.class_counts("val").sum()))
+    at_chance_below = None if chance is None else chance + max(0.05, 3 * math.sqrt(chance * (1 - chance) / n_val))
+    callback = MlflowTrialCallback(tracking_uri, experiment, parent_id, trials_dir, space.tune.metric, at_chance_below,
+                                   min(space.tune.asha.grace_period, space.tune.asha.max_t or space.base.train.epochs))
     ctx = {
         "base": space.base.to_dict(),
         "manifest": manifest_path,
