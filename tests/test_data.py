@@ -193,12 +193,13 @@ def test_unreadable_video_during_training_is_skipped_then_fatal(tiny_set, tmp_pa
     shutil.copytree(os.path.dirname(tiny_set), folder, ignore=shutil.ignore_patterns("*.parquet"))
     m = index_source(str(folder))  # paths inside the copy: the shared set stays intact
     assert all(str(p).startswith(str(folder)) for p in m.column("path"))
-    victim = m.column("path")[0]
+    train = m.split("train")
+    victim = train.column("path")[0]
     with open(victim, "wb") as f:
         f.write(b"garbage")
     ds = ClipDataset(m.split("train"), DataConfig(crop_size=48, decode_short_side=56), train=True)
     x, y, row = ds[0]  # replaced by another video of the same class
-    assert y == int(m.column("label")[0]) and victim in ds.bad and row != 0
+    assert y == int(train.column("label")[0]) and victim in ds.bad and row != 0
     for p in m.column("path"):
         with open(p, "wb") as f:
             f.write(b"garbage")

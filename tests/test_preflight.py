@@ -41,12 +41,26 @@ def test_clean_set_passes_every_check(quick_set):
     assert "pilot val mean class acc" in chance.message and "vs chance 0.25" in chance.message
 
 
-def test_shuffled_labels_are_caught_by_the_chance_pilot(quick_set):
-    m = read_manifest(quick_set)
+@pytest.fixture(scope="module")
+def larger_set(tmp_path_factory) -> str:
+    from vidtune.data.synth import synthesize
+
+    return synthesize(str(tmp_path_factory.mktemp("larger")), "quickstart", num_classes=4, videos_per_class=80, seed=3)
+
+
+def test_shuffled_labels_are_caught_by_the_chance_pilot(larger_set):
+    m = read_manifest(larger_set)  # 16 val clips a class: enough to tell chance apart
     shuffled = with_labels(m, np.random.default_rng(0).permutation(m.column("label")))
-    finding = check_chance(shuffled, cfg(), epochs=10)
+    finding = check_chance(shuffled, cfg(), epochs=8)
     assert not finding.ok and finding.line().startswith("chance: FAIL")
     assert "labels may not match the videos" in finding.message
+
+
+def test_chance_pilot_on_a_tiny_val_set_warns_instead_of_failing(tiny_set):
+    m = read_manifest(tiny_set)  # 2 val clips a class
+    shuffled = with_labels(m, np.random.default_rng(0).permutation(m.column("label")))
+    finding = check_chance(shuffled, cfg(), epochs=2)
+    assert finding.ok and finding.level == "warn" and "inconclusive" in finding.message
 
 
 def test_leaks_by_path_bytes_and_frames(tiny_set, tmp_path):

@@ -190,13 +190,15 @@ def test_launch_script_smoke_test_end_to_end(tiny_set, tmp_path):
     assert len(runs) == 2
 
 
-def test_sweep_refuses_to_start_on_a_broken_pipeline(ray_cluster, quick_set, tmp_path):
+def test_sweep_refuses_to_start_on_a_broken_pipeline(ray_cluster, tmp_path):
     """Report 002's failure: labels that do not match the videos. Caught before any trial runs."""
     import pyarrow as pa
 
     from vidtune.data.manifest import Manifest, read_manifest
 
-    m = read_manifest(quick_set)
+    from vidtune.data.synth import synthesize
+
+    m = read_manifest(synthesize(str(tmp_path / "d"), "quickstart", num_classes=4, videos_per_class=80, seed=3))
     labels = np.random.default_rng(0).permutation(m.column("label"))
     Manifest(m.table.set_column(1, "label", pa.array(labels, pa.int32())), m.class_names).save(str(tmp_path / "shuffled.parquet"))
     uri = f"sqlite:///{tmp_path}/mlflow.db"
