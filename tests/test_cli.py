@@ -69,3 +69,17 @@ def test_predict_with_a_folder_that_is_not_a_checkpoint(tmp_path, tiny_set):
 def test_promote_unknown_experiment(tmp_path):
     out = run("promote", "--experiment", "ghost", "--tracking-uri", f"sqlite:///{tmp_path}/m.db")
     assert_one_clear_line(out, "no experiment named 'ghost'")
+
+
+def test_preflight_command_reports_each_check_and_exits_nonzero(tiny_set, tmp_path):
+    space = tmp_path / "bad_norm.yaml"
+    space.write_text(
+        "name: bad_norm\nfixed:\n  data: {std: [0.001, 0.001, 0.001], crop_size: 32, decode_short_side: 40, hflip: 0.0}\n"
+        "  model: {widths: [8, 16]}\n  train: {lr: 0.005}\nspace:\n  train.lr: {type: float, low: 1.0e-4, high: 0.1, log: true}\n"
+    )
+    out = run("preflight", "--space", str(space), "--data", tiny_set, cwd=tmp_path)
+    assert out.returncode == 1, out.stderr
+    lines = out.stdout.splitlines()
+    assert [ln.split(":")[0] for ln in lines[:4]] == ["manifest", "leak", "static", "inputs"]
+    assert lines[3].startswith("inputs: FAIL: values far outside a normalised range")
+    assert lines[-1] == "preflight: 1 of 4 checks failed"
