@@ -90,30 +90,29 @@ class TemporalAttentionHead(nn.Module):
         return self.block(x + pos).mean(dim=1)  # (B, dim)
 
 
+def build_frame_backbone(name: str, in_channels: int, pretrained: bool = False, pretrained_path: str = "") -> nn.Module:
+    """A timm 2D model without its classifier: ``(N, C, H, W) -> (N, num_features)``."""
+    import timm
+
+    kwargs = {}
+    if pretrained_path:
+        _check_weights_file(pretrained_path)
+        # timm's own route for local weights: the same filtering and adaptation as hub weights.
+        kwargs["pretrained_cfg_overlay"] = {"file": os.path.abspath(pretrained_path)}
+    try:
+        return timm.create_model(name, pretrained=pretrained or bool(pretrained_path), num_classes=0, in_chans=in_channels, **kwargs)
+    except RuntimeError as e:
+        if "Unknown model" in str(e):
+            raise ConfigError(f"model.backbone: unknown timm model {name!r} (see timm.list_models())") from None
+        raise
+
+
 class FrameClassifier(nn.Module):
     """A timm 2D backbone on every frame, pooled over time by a temporal head."""
 
     def __init__(self, cfg: ModelConfig, num_classes: int, in_channels: int, num_frames: int):
         super().__init__()
-        import timm
-
-        kwargs = {}
-        if cfg.pretrained_path:
-            _check_weights_file(cfg.pretrained_path)
-            # timm's own route for local weights: the same filtering and adaptation as hub weights.
-            kwargs["pretrained_cfg_overlay"] = {"file": os.path.abspath(cfg.pretrained_path)}
-        try:
-            self.backbone = timm.create_model(
-                cfg.backbone,
-                pretrained=cfg.pretrained or bool(cfg.pretrained_path),
-                num_classes=0,
-                in_chans=in_channels,
-                **kwargs,
-            )
-        except RuntimeError as e:
-            if "Unknown model" in str(e):
-                raise ConfigError(f"model.backbone: unknown timm model {cfg.backbone!r} (see timm.list_models())") from None
-            raise
+        self.backbone = build_frame_backbone(cfg.backbone, in_channels, cfg.pretrained, cfg.pretrained_path)
         dim = self.backbone.num_features
         if cfg.temporal_head == "attention":
             self.temporal = TemporalAttentionHead(dim, num_frames, dropout=cfg.dropout)

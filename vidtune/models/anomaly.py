@@ -11,13 +11,9 @@ class MultiTaskAnomalyNet(nn.Module):
     def __init__(self, backbone: str, in_channels: int, num_classes: int, num_frames: int, encoder: str = "bilstm",
                  hidden: int = 256, latent: int = 32, dropout: float = 0.5, pretrained: bool = False, pretrained_path: str = ""):
         super().__init__()
-        from vidtune.config import ModelConfig
-        from vidtune.models import FrameClassifier
+        from vidtune.models import build_frame_backbone
 
-        # Reuse the per-frame backbone builder (hub or local weights, helpful errors).
-        frame = FrameClassifier(ModelConfig(arch="timm", backbone=backbone, pretrained=pretrained, pretrained_path=pretrained_path),
-                                num_classes, in_channels, num_frames)
-        self.backbone = frame.backbone
+        self.backbone = build_frame_backbone(backbone, in_channels, pretrained, pretrained_path)
         dim = self.backbone.num_features
         self.proj = nn.Linear(dim, hidden)
         self.encoder_kind = encoder

@@ -55,12 +55,11 @@ class DistillStudent(nn.Module):
     def __init__(self, backbone: str, num_classes: int, in_channels: int, num_frames: int, embed_dim: int,
                  dropout: float, pretrained: bool = False, pretrained_path: str = ""):
         super().__init__()
-        from vidtune.config import ModelConfig
-        from vidtune.models import FrameClassifier
+        from vidtune.models import TemporalAttentionHead, build_frame_backbone
 
-        frame = FrameClassifier(ModelConfig(arch="timm", backbone=backbone, temporal_head="attention", dropout=dropout,
-                                            pretrained=pretrained, pretrained_path=pretrained_path), num_classes, in_channels, num_frames)
-        self.backbone, self.temporal, self.dropout = frame.backbone, frame.temporal, frame.dropout
+        self.backbone = build_frame_backbone(backbone, in_channels, pretrained, pretrained_path)
+        self.temporal = TemporalAttentionHead(self.backbone.num_features, num_frames, dropout=dropout)
+        self.dropout = nn.Dropout(dropout)
         self.project = nn.Linear(self.temporal.out_dim, embed_dim)
         self.fc = nn.Linear(self.temporal.out_dim, num_classes)
 
