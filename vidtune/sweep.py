@@ -332,6 +332,9 @@ def run_sweep(opts: SweepOptions) -> dict:
         trial_resources = {"cpu": DRIVER_CPU}
     trainable = tune.with_resources(tune.with_parameters(trial_driver, ctx=ctx), trial_resources)
 
+    # Keeping one checkpoint per trial forces a state snapshot on every report; Tune then warns on
+    # every epoch of every trial, burying the progress table.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     t0 = time.time()
     if opts.resume:
         tuner = tune.Tuner.restore(sweep_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
