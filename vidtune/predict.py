@@ -7,8 +7,8 @@ import torch
 
 from vidtune.checkpoint import load_checkpoint
 from vidtune.config import TrialConfig
-from vidtune.data.dataset import center_crop, normalize, segment_indices
-from vidtune.data.video import decode_frames, probe, scaled_size
+from vidtune.data.dataset import load_clip, segment_indices
+from vidtune.data.video import probe
 from vidtune.recipes import get_recipe
 
 
@@ -29,9 +29,7 @@ class Predictor:
         info = probe(path)
         d = self.cfg.data
         idx = segment_indices(info.num_frames, d.num_segments, d.frames_per_segment, d.frame_stride, train=False)
-        frames = decode_frames(path, idx, size=scaled_size(info.width, info.height, d.decode_short_side))
-        clip = torch.from_numpy(frames).permute(3, 0, 1, 2)  # (C, T, H, W)
-        return normalize(center_crop(clip, d.crop_size), d)
+        return load_clip(path, idx, info.width, info.height, d, train=False)
 
     @torch.no_grad()
     def predict(self, path: str, top_k: int = 5) -> list[tuple[str, float]]:

@@ -145,8 +145,6 @@ class MlflowTrialCallback(_tune_callback_base()):
         self.metric, self.at_chance_below, self.grace_period = metric, at_chance_below, grace_period
         self._tracker: SweepTracker | None = None
         self.last: dict[str, dict] = {}
-        self.counts = {"completed": 0, "pruned": 0, "failed": 0}
-        self.failures: dict[str, str] = {}
 
     def __getstate__(self):  # Tune pickles its run config for restores; the client stays behind
         state = dict(self.__dict__)
@@ -184,9 +182,6 @@ class MlflowTrialCallback(_tune_callback_base()):
     def _end(self, trial, status: str, reason: str | None = None) -> None:
         run_id = self.tracker.start_trial(trial.trial_id, trial.config)
         self.tracker.end_trial(run_id, status, reason, checkpoint_dir=os.path.join(self.trials_dir, trial.trial_id, "best"))
-        self.counts[status] += 1
-        if reason:
-            self.failures[trial.trial_id] = reason
 
 
 def failure_reason(trial) -> str:

@@ -86,6 +86,23 @@ def center_crop(clip: torch.Tensor, size: int) -> torch.Tensor:
     return clip[:, :, y0 : y0 + size, x0 : x0 + size]
 
 
+def load_clip(path: str, indices: np.ndarray, width: int, height: int, cfg: DataConfig, train: bool,
+              rng: np.random.Generator | None = None) -> torch.Tensor:
+    """Frames ``indices`` of ``path`` as a normalised ``(C, T, H, W)`` clip: the training view
+    (random resized crop, flip) or the validation view (centre crop). ``predict`` uses the latter."""
+    size = scaled_size(width, height, cfg.decode_short_side)
+    frames = decode_frames(path, indices, size=size)  # (T, H, W, 3)
+    clip = torch.from_numpy(frames).permute(3, 0, 1, 2)  # (C, T, H, W) uint8
+    if train:
+        rng = rng or np.random.default_rng()
+        clip = random_resized_crop(clip, cfg.crop_size, cfg.scale_min, rng)
+        if rng.uniform() < cfg.hflip:
+            clip = clip.flip(-1)
+    else:
+        clip = center_crop(clip, cfg.crop_size)
+    return normalize(clip, cfg)
+
+
 class ClipDataset(Dataset):
     """One clip per manifest row: ``(clip (C, T, H, W), label, row)``. ``train`` picks random
     offsets, crops and flips; each sample's randomness comes from ``(seed, epoch, index)`` so runs
@@ -126,16 +143,8 @@ class ClipDataset(Dataset):
 
     def load(self, i: int, rng: np.random.Generator) -> torch.Tensor:
         """Decoded, augmented, normalised clip ``(C, T, H, W)`` of row ``i``."""
-        size = scaled_size(int(self.sizes[i, 1]), int(self.sizes[i, 0]), self.cfg.decode_short_side)
-        frames = decode_frames(str(self.paths[i]), self.indices(i, rng), size=size)  # (T, H, W, 3)
-        clip = torch.from_numpy(frames).permute(3, 0, 1, 2)  # (C, T, H, W) uint8
-        if self.train:
-            clip = random_resized_crop(clip, self.cfg.crop_size, self.cfg.scale_min, rng)
-            if rng.uniform() < self.cfg.hflip:
-                clip = clip.flip(-1)
-        else:
-            clip = center_crop(clip, self.cfg.crop_size)
-        return normalize(clip, self.cfg)
+        return load_clip(str(self.paths[i]), self.indices(i, rng), int(self.sizes[i, 1]), int(self.sizes[i, 0]),
+                         self.cfg, self.train, rng)
 
     def __getitem__(self, i: int):
         rng = np.random.default_rng([self.seed, self.epoch, i, int(self.train)])
