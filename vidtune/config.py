@@ -46,10 +46,14 @@ class DataConfig:
     std: list = field(default_factory=lambda: [0.225, 0.225, 0.225])
     num_workers: int = -1  # DataLoader workers per trial process; -1 = chosen from the CPUs given
     sampler_power: float = 0.0  # class-balanced sampling: weight ~ freq^-p (0 plain, 0.5 sqrt, 1 balanced)
+    cache: bool = True  # decode once into the shared clip cache (<storage>/cache) and read from it
+    cache_max_frames: int = 128  # frames cached per training video; longer ones keep this many, evenly spaced
+    device_transforms: str = "auto"  # normalise/flip on the training device: auto (on CUDA) | on | off
 
     def __post_init__(self) -> None:
         problems = []
-        for name in ("num_segments", "frames_per_segment", "frame_stride", "crop_size", "decode_short_side"):
+        for name in ("num_segments", "frames_per_segment", "frame_stride", "crop_size", "decode_short_side",
+                     "cache_max_frames"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}: must be >= 1 (got {getattr(self, name)})")
         if self.channels not in (1, 3):
@@ -69,6 +73,8 @@ class DataConfig:
             problems.append(f"std: must be positive (got {self.std})")
         if self.sampler_power < 0:
             problems.append(f"sampler_power: must be >= 0 (got {self.sampler_power})")
+        if self.device_transforms not in ("auto", "on", "off"):
+            problems.append(f"device_transforms: unknown {self.device_transforms!r}; choose one of ['auto', 'on', 'off']")
         _raise_if(problems)
 
     @property
@@ -85,6 +91,7 @@ class ModelConfig:
     arch: str = "cnn3d"
     backbone: str = ""  # timm or torchvision model name
     temporal_head: str = "avg"  # timm only: avg | attention
+    spatial_grid: int = 1  # timm only: pool each frame's features to grid x grid (1: global), keeps position
     widths: list = field(default_factory=lambda: [16, 32, 64])  # cnn3d stage widths
     pool: str = "avg"  # cnn3d global pooling: avg | max (max keeps small moving objects visible)
     depths: list = field(default_factory=lambda: [1, 1, 1, 1])  # slowfast blocks per stage ([3, 4, 6, 3] = R50)
@@ -107,6 +114,8 @@ class ModelConfig:
             problems.append(f"backbone: required when arch is {self.arch!r}")
         if self.temporal_head not in self.HEADS:
             problems.append(f"temporal_head: unknown {self.temporal_head!r}; choose one of {list(self.HEADS)}")
+        if not 1 <= self.spatial_grid <= 4:
+            problems.append(f"spatial_grid: must be 1..4 (got {self.spatial_grid})")
         if self.pool not in ("avg", "max"):
             problems.append(f"pool: unknown {self.pool!r}; choose one of ['avg', 'max']")
         if not 0.0 <= self.dropout < 1.0:

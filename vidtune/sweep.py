@@ -284,6 +284,14 @@ def run_sweep(opts: SweepOptions) -> dict:
     # What does not change across trials is computed once here, not once per trial.
     from vidtune.recipes import get_recipe
 
+    clip_cache_mb = 0.0
+    if space.base.data.cache and "://" not in cache_dir:
+        from vidtune.data.cache import build_clip_cache
+
+        # Decoded clips for the baseline's sampling; trials that search the decode size or the
+        # sampling build theirs on first use (once, under the cache's lock).
+        clip_cache_mb = round(build_clip_cache(manifest, space.base.data, cache_dir).num_bytes / 2**20, 1)
+        print(f"clip cache: {clip_cache_mb} MB of decoded clips under {cache_dir} (`data.cache: false` turns it off)")
     warmed = get_recipe(space.recipe).warm_cache(space.base, manifest, cache_dir)
     if warmed:
         print(f"cache: {warmed.get('cache')} ({'computed' if warmed.get('computed') else 'reused'})")
@@ -299,6 +307,7 @@ def run_sweep(opts: SweepOptions) -> dict:
         sweep_name, space.tune.metric, space.tune.mode,
         {"space": space.path, "recipe": space.recipe, "num_samples": space.tune.num_samples,
          "max_epochs": space.base.train.epochs, "data_fingerprint": manifest.fingerprint(),
+         "clip_cache_mb": clip_cache_mb,
          "num_classes": manifest.num_classes, "concurrency": concurrency},
         resume=opts.resume,
     )

@@ -22,7 +22,8 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from vidtune.checkpoint import load_checkpoint, save_checkpoint
 from vidtune.config import TrialConfig
-from vidtune.data.dataset import ClipDataset, WeightedDistributedSampler, class_balanced_weights
+from vidtune.data.cache import open_clip_cache
+from vidtune.data.dataset import ClipDataset, WeightedDistributedSampler, class_balanced_weights, normalize_batch
 from vidtune.data.manifest import DataError, Manifest, read_manifest
 from vidtune.recipes import get_recipe
 
@@ -124,8 +125,13 @@ def fit(
     if len(train_part) == 0 or len(val_part) == 0:
         raise DataError(f"the data has {len(train_part)} train and {len(val_part)} val videos; both splits are needed")
     class_names = manifest.class_names
-    train_ds = ClipDataset(train_part, cfg.data, train=True, seed=cfg.train.seed)
-    val_ds = ClipDataset(val_part, cfg.data, train=False, seed=cfg.train.seed)
+    # Decoded clips shared by every trial (built before the sweep; on first use otherwise). Without
+    # $VIDTUNE_CACHE_DIR (fit() called alone) or with data.cache off, clips are decoded every epoch.
+    clip_cache = open_clip_cache(manifest, cfg.data, log=log if rank == 0 else (lambda _m: None))
+    # On CUDA the loader ships uint8 clips and the device normalises them.
+    on_device = cfg.data.device_transforms == "on" or (cfg.data.device_transforms == "auto" and device.type == "cuda")
+    train_ds = ClipDataset(train_part, cfg.data, train=True, seed=cfg.train.seed, cache=clip_cache, normalise=not on_device)
+    val_ds = ClipDataset(val_part, cfg.data, train=False, seed=cfg.train.seed, cache=clip_cache, normalise=not on_device)
     if cfg.data.sampler_power > 0:
         weights = class_balanced_weights(train_ds.labels, cfg.data.sampler_power)
         sampler = WeightedDistributedSampler(weights, len(train_ds), rank, world, cfg.train.seed)
@@ -195,6 +201,8 @@ def fit(
         optimizer.zero_grad(set_to_none=True)
         for step, (clips, labels, rows) in enumerate(train_loader):
             clips = clips.to(device, non_blocking=True)  # (B, C, T, H, W)
+            if on_device:
+                clips = normalize_batch(clips, cfg.data)
             labels = labels.to(device, non_blocking=True)
             extra = {k: v[rows].to(device, non_blocking=True) for k, v in extras["train"].items()}
             stepping = (step + 1) % cfg.train.accumulate == 0 or step + 1 == len(train_loader)
@@ -236,8 +244,11 @@ def fit(
             for clips, labels, rows in val_loader:
                 labels = labels.to(device, non_blocking=True)
                 extra = {k: v[rows].to(device, non_blocking=True) for k, v in extras["val"].items()}
+                clips = clips.to(device, non_blocking=True)
+                if on_device:
+                    clips = normalize_batch(clips, cfg.data)
                 with autocast():
-                    outputs = model(clips.to(device, non_blocking=True))
+                    outputs = model(clips)
                 loss, _ = loss_fn(outputs, labels, extra)
                 val_sum += torch.stack([loss.double() * labels.shape[0], torch.tensor(float(labels.shape[0]), device=device, dtype=torch.float64)])
                 for k, v in recipe.collect(outputs).items():

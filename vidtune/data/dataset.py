@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 
 from vidtune.config import DataConfig
+from vidtune.data.cache import ClipCache, manifest_row_keys
 from vidtune.data.manifest import Manifest
 from vidtune.data.video import VideoError, decode_frames, scaled_size
 
@@ -58,6 +59,18 @@ def normalize(clip: torch.Tensor, cfg: DataConfig) -> torch.Tensor:
     return (x - mean.view(-1, 1, 1, 1)) / std.view(-1, 1, 1, 1)
 
 
+def normalize_batch(clips: torch.Tensor, cfg: DataConfig) -> torch.Tensor:
+    """``normalize`` for a uint8 batch ``(B, C, T, H, W)`` on any device: the loader ships uint8
+    (a quarter of the bytes) and the accelerator does the float work."""
+    x = clips.float().div_(255.0)
+    if cfg.channels == 1 and x.shape[1] == 3:
+        x = x.mean(dim=1, keepdim=True)
+    c = x.shape[1]
+    mean = torch.tensor(cfg.mean[:c] if len(cfg.mean) >= c else cfg.mean * c, device=x.device)
+    std = torch.tensor(cfg.std[:c] if len(cfg.std) >= c else cfg.std * c, device=x.device)
+    return (x - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)
+
+
 def random_resized_crop(
     clip: torch.Tensor, size: int, scale_min: float, rng: np.random.Generator, ratio=(3 / 4, 4 / 3)
 ) -> torch.Tensor:
@@ -87,32 +100,49 @@ def center_crop(clip: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def load_clip(path: str, indices: np.ndarray, width: int, height: int, cfg: DataConfig, train: bool,
-              rng: np.random.Generator | None = None) -> torch.Tensor:
+              rng: np.random.Generator | None = None, normalise: bool = True) -> torch.Tensor:
     """Frames ``indices`` of ``path`` as a normalised ``(C, T, H, W)`` clip: the training view
     (random resized crop, flip) or the validation view (centre crop). ``predict`` uses the latter."""
     size = scaled_size(width, height, cfg.decode_short_side)
     frames = decode_frames(path, indices, size=size)  # (T, H, W, 3)
+    return transform_clip(frames, cfg, train, rng, normalise)
+
+
+def transform_clip(frames: np.ndarray, cfg: DataConfig, train: bool, rng: np.random.Generator | None = None,
+                   normalise: bool = True) -> torch.Tensor:
+    """Decoded frames ``(T, H, W, 3)`` uint8 -> the training or validation view ``(C, T, H, W)``;
+    uint8 when not ``normalise`` (the device normalises the batch)."""
     clip = torch.from_numpy(frames).permute(3, 0, 1, 2)  # (C, T, H, W) uint8
     if train:
         rng = rng or np.random.default_rng()
         clip = random_resized_crop(clip, cfg.crop_size, cfg.scale_min, rng)
         if rng.uniform() < cfg.hflip:
             clip = clip.flip(-1)
+        if not normalise:
+            clip = clip.round_().clamp_(0, 255).to(torch.uint8)
     else:
         clip = center_crop(clip, cfg.crop_size)
-    return normalize(clip, cfg)
+    return normalize(clip, cfg) if normalise else clip.contiguous()
 
 
 class ClipDataset(Dataset):
     """One clip per manifest row: ``(clip (C, T, H, W), label, row)``. ``train`` picks random
     offsets, crops and flips; each sample's randomness comes from ``(seed, epoch, index)`` so runs
-    repeat exactly. ``row`` indexes per-row recipe targets (e.g. cached teacher outputs)."""
+    repeat exactly. ``row`` indexes per-row recipe targets (e.g. cached teacher outputs).
 
-    def __init__(self, manifest: Manifest, cfg: DataConfig, train: bool, seed: int = 0):
+    With ``cache`` (vidtune.data.cache), rows found there are read from the memory-mapped decoded
+    frames instead of the video: the same clip for the same randomness. ``normalise=False`` yields
+    uint8 clips for ``normalize_batch`` on the training device."""
+
+    def __init__(self, manifest: Manifest, cfg: DataConfig, train: bool, seed: int = 0,
+                 cache: ClipCache | None = None, normalise: bool = True):
         self.cfg = cfg
         self.train = train
         self.seed = seed
         self.epoch = 0
+        self.cache = cache
+        self.normalise = normalise
+        self.keys = manifest_row_keys(manifest) if cache is not None else None
         self.paths = manifest.column("path")
         self.labels = manifest.column("label").astype(np.int64)
         self.num_frames = manifest.column("num_frames").astype(np.int64)
@@ -143,8 +173,18 @@ class ClipDataset(Dataset):
 
     def load(self, i: int, rng: np.random.Generator) -> torch.Tensor:
         """Decoded, augmented, normalised clip ``(C, T, H, W)`` of row ``i``."""
-        return load_clip(str(self.paths[i]), self.indices(i, rng), int(self.sizes[i, 1]), int(self.sizes[i, 0]),
-                         self.cfg, self.train, rng)
+        indices = self.indices(i, rng)
+        if self.cache is not None:
+            if self.train:
+                frames = self.cache.train_frames(self.keys[i], indices)  # (T, H, W, 3) uint8
+                if frames is not None:
+                    return transform_clip(frames, self.cfg, True, rng, self.normalise)
+            else:
+                clip = self.cache.val_clip(self.keys[i], indices, self.cfg.crop_size)  # (T, crop, crop, 3)
+                if clip is not None:
+                    return transform_clip(clip, self.cfg, False, rng, self.normalise)
+        return load_clip(str(self.paths[i]), indices, int(self.sizes[i, 1]), int(self.sizes[i, 0]),
+                         self.cfg, self.train, rng, self.normalise)
 
     def __getitem__(self, i: int):
         rng = np.random.default_rng([self.seed, self.epoch, i, int(self.train)])
