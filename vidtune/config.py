@@ -151,6 +151,7 @@ class TrainConfig:
     accumulate: int = 1  # optimiser step every N batches
     clip_grad_norm: float = 0.0  # 0 = off
     early_stop_patience: int = 0  # epochs without improvement before stopping; 0 = off
+    ema_decay: float = 0.0  # validate and keep the best checkpoint with an EMA of the weights; 0 = off
     seed: int = 0
 
     OPTIMIZERS = ("adamw", "sgd")
@@ -176,6 +177,8 @@ class TrainConfig:
             problems.append(f"warmup_pct: must be in [0, 1) (got {self.warmup_pct})")
         if not 0.0 <= self.label_smoothing < 1.0:
             problems.append(f"label_smoothing: must be in [0, 1) (got {self.label_smoothing})")
+        if not 0.0 <= self.ema_decay < 1.0:
+            problems.append(f"ema_decay: must be in [0, 1) (0 = off) (got {self.ema_decay})")
         if self.clip_grad_norm < 0 or self.early_stop_patience < 0:
             problems.append("clip_grad_norm and early_stop_patience: must be >= 0")
         _raise_if(problems)

@@ -23,8 +23,9 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from vidtune.checkpoint import load_checkpoint, save_checkpoint
 from vidtune.config import TrialConfig
 from vidtune.data.cache import open_clip_cache
-from vidtune.data.dataset import ClipDataset, WeightedDistributedSampler, class_balanced_weights, normalize_batch
+from vidtune.data.dataset import WeightedDistributedSampler, class_balanced_weights, normalize_batch
 from vidtune.data.manifest import DataError, Manifest, read_manifest
+from vidtune.ema import WeightEma
 from vidtune.recipes import get_recipe
 
 Report = Callable[[dict, str], None]  # (metrics, rolling checkpoint folder) -> None
@@ -51,12 +52,15 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrialConfig) -> torch.optim.Optimizer:
-    # Norm weights and biases are not decayed: decaying them only hurts small-data training.
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # A recipe may give its parts their own learning rates (e.g. adapters vs. detection head).
+    groups = get_recipe(cfg.recipe).param_groups(model, cfg)
+    if groups is None:
+        # Norm weights and biases are not decayed: decaying them only hurts small-data training.
+        decay, no_decay = [], []
+        for p in model.parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim <= 1 else decay).append(p)
+        groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if cfg.train.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.train.lr, momentum=cfg.train.momentum, nesterov=True)
     return torch.optim.AdamW(groups, lr=cfg.train.lr)
@@ -66,8 +70,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrialConfig, total_st
     t = cfg.train
     if t.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=t.lr, total_steps=max(1, total_steps), pct_start=max(t.warmup_pct, 0.01),
-            div_factor=t.onecycle_div,
+            optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=max(1, total_steps),
+            pct_start=max(t.warmup_pct, 0.01), div_factor=t.onecycle_div,
         )
     if t.schedule == "step":
         # Decays every `step_size` epochs; the scheduler steps per optimiser step.
@@ -130,8 +134,8 @@ def fit(
     clip_cache = open_clip_cache(manifest, cfg.data, log=log if rank == 0 else (lambda _m: None))
     # On CUDA the loader ships uint8 clips and the device normalises them.
     on_device = cfg.data.device_transforms == "on" or (cfg.data.device_transforms == "auto" and device.type == "cuda")
-    train_ds = ClipDataset(train_part, cfg.data, train=True, seed=cfg.train.seed, cache=clip_cache, normalise=not on_device)
-    val_ds = ClipDataset(val_part, cfg.data, train=False, seed=cfg.train.seed, cache=clip_cache, normalise=not on_device)
+    train_ds = recipe.make_dataset(train_part, cfg, train=True, cache=clip_cache, normalise=not on_device)
+    val_ds = recipe.make_dataset(val_part, cfg, train=False, cache=clip_cache, normalise=not on_device)
     if cfg.data.sampler_power > 0:
         weights = class_balanced_weights(train_ds.labels, cfg.data.sampler_power)
         sampler = WeightedDistributedSampler(weights, len(train_ds), rank, world, cfg.train.seed)
@@ -163,6 +167,8 @@ def fit(
     recipe.setup(loss_fn, extras, train_part)
     static = recipe.static_metrics(model, cfg)
     optimizer = build_optimizer(core, cfg)
+    # Validation and the best checkpoint use the weights' moving average when train.ema_decay > 0.
+    ema = WeightEma(core, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
     steps_per_epoch = math.ceil(len(train_loader) / cfg.train.accumulate)
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch * cfg.train.epochs)
     amp_dtype = resolve_precision(cfg.train.precision, device)
@@ -181,6 +187,8 @@ def fit(
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             scaler.load_state_dict(state["scaler"])
+            if ema is not None and state.get("ema"):
+                ema.load_state_dict(state["ema"])
             start_epoch, best, best_epoch, stale = state["epoch"] + 1, state["best"], state["best_epoch"], state["stale"]
         log(f"resumed from {resume_dir} at epoch {start_epoch}")
 
@@ -220,6 +228,8 @@ def fit(
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
+                if ema is not None:
+                    ema.update(core)
             n = labels.shape[0]
             loss_sum += loss.detach().double() * n
             for k, v in parts.items():
@@ -240,7 +250,7 @@ def fit(
         collected: dict[str, list] = {}
         labs = []
         val_sum = torch.zeros(2, device=device, dtype=torch.float64)  # (loss * n, n)
-        with torch.no_grad():
+        with torch.no_grad(), ema.applied(core) if ema is not None else contextlib.nullcontext():
             for clips, labels, rows in val_loader:
                 labels = labels.to(device, non_blocking=True)
                 extra = {k: v[rows].to(device, non_blocking=True) for k, v in extras["val"].items()}
@@ -285,7 +295,7 @@ def fit(
         if rank == 0:
             info = {"epoch": epoch, "metrics": metrics, "details": details}
             if improved:
-                save_checkpoint(best_dir, core.state_dict(), resolved, class_names, info)
+                save_checkpoint(best_dir, ema.shadow if ema is not None else core.state_dict(), resolved, class_names, info)
             train_state = {
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
@@ -294,6 +304,7 @@ def fit(
                 "best": best,
                 "best_epoch": best_epoch,
                 "stale": stale,
+                **({"ema": ema.state_dict()} if ema is not None else {}),
             }
             save_checkpoint(last_dir, core.state_dict(), resolved, class_names, info, train_state)
             log(

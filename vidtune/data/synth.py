@@ -95,10 +95,15 @@ def _profile(recipe: str, num_classes: int | None) -> Profile:
         names = ("walking", "turning", "looking_around", "manipulating", "picking_up", "putting_down", "reaching", "standing")
         motions = ("move_down", "move_left", "orbit", "rotate_cw", "move_up", "move_down_right", "grow", "still")
         return Profile(motions, names, (1.0,) * 8, frames=(16, 32), sizes=((112, 84), (128, 96)), fps=(15, 30))
+    if recipe == "adatad_detection":
+        # Report 003 (THUMOS-14): untrimmed videos, a few actions each over a background; the
+        # videos are long and small (see synth_detection.py). Motions that survive a mirror flip.
+        motions = ("grow", "shrink", "flicker", "orbit")
+        return Profile(motions, motions, (1.0,) * 4, frames=(96, 160), sizes=((64, 48), (80, 60)), fps=(12, 15, 24))
     raise ValueError(f"--recipe: unknown synthetic recipe {recipe!r}; choose one of {list(RECIPES)}")
 
 
-RECIPES = ("quickstart", "thermal_slowfast", "lipread_3dcnn", "anomaly_multitask", "distill_clip_mobilevit")
+RECIPES = ("quickstart", "thermal_slowfast", "lipread_3dcnn", "anomaly_multitask", "distill_clip_mobilevit", "adatad_detection")
 
 
 def synthesize(
@@ -118,6 +123,10 @@ def synthesize(
     from vidtune.data.manifest import build_manifest, write_manifest
 
     prof = profile(recipe, num_classes)
+    if recipe == "adatad_detection":  # untrimmed videos, one manifest row per action
+        from vidtune.data.synth_detection import synthesize_detection
+
+        return synthesize_detection(out_dir, prof, videos_per_class, seed, workers, progress)
     if videos_per_class < 2:
         raise ValueError(f"--videos-per-class: must be >= 2 (got {videos_per_class})")
     top = max(prof.weights)

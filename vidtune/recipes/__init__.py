@@ -9,9 +9,11 @@ from __future__ import annotations
 from vidtune.config import ConfigError
 from vidtune.recipes.anomaly import AnomalyRecipe
 from vidtune.recipes.classify import ClassifyRecipe, LipreadRecipe, ThermalSlowFastRecipe
+from vidtune.recipes.detection import DetectionRecipe
 from vidtune.recipes.distill import DistillRecipe
 
-RECIPES = {r.name: r for r in (ClassifyRecipe(), ThermalSlowFastRecipe(), LipreadRecipe(), AnomalyRecipe(), DistillRecipe())}
+RECIPES = {r.name: r for r in (ClassifyRecipe(), ThermalSlowFastRecipe(), LipreadRecipe(), AnomalyRecipe(), DistillRecipe(),
+                               DetectionRecipe())}
 
 
 def get_recipe(name: str):

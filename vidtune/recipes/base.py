@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from vidtune.config import TrialConfig, from_dict
+from vidtune.data.dataset import ClipDataset
 from vidtune.metrics import classification_metrics
 from vidtune.models import build_model
 
@@ -31,6 +32,7 @@ class Recipe:
     name = "classify"
     Options: type = NoOptions
     synthetic = "quickstart"
+    pilot_metric: str | None = "val_mean_class_acc"  # preflight's chance pilot; None: the recipe has none
 
     def options(self, cfg: TrialConfig):
         return from_dict(self.Options, cfg.options, "options")
@@ -41,6 +43,15 @@ class Recipe:
 
     def build_model(self, cfg: TrialConfig, num_classes: int) -> nn.Module:
         return build_model(cfg.model, num_classes, in_channels=cfg.data.channels, num_frames=cfg.data.num_frames)
+
+    def make_dataset(self, manifest, cfg: TrialConfig, train: bool, cache=None, normalise: bool = True):
+        """The dataset of ``manifest``'s rows; items are ``(clip (C, T, H, W), label, row)`` and the
+        label may be any tensor the recipe's loss and ``evaluate`` read (it is batched by stacking)."""
+        return ClipDataset(manifest, cfg.data, train=train, seed=cfg.train.seed, cache=cache, normalise=normalise)
+
+    def param_groups(self, model: nn.Module, cfg: TrialConfig) -> list[dict] | None:
+        """Optimiser parameter groups (with their own ``lr`` / ``weight_decay``); None: one lr for all."""
+        return None
 
     def prepare(self, cfg: TrialConfig, manifest, work_dir: str) -> dict[str, torch.Tensor]:
         """Per-row tensors ``(N, ...)`` for ``manifest``'s rows, computed once before training and
