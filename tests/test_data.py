@@ -226,3 +226,20 @@ def test_synthesize_rejects_bad_arguments(tmp_path):
         synthesize(str(tmp_path), "quickstart", num_classes=40)
     with pytest.raises(ValueError, match="--recipe: unknown synthetic recipe 'nope'"):
         synthesize(str(tmp_path), "nope")
+
+
+def test_decord_sizes_its_scaler_cannot_copy_out_are_resized_not_sent_to_pyav(tmp_path):
+    # decord 0.6 fails to return 72x72 frames (a 96x96 video at short side 72); without the
+    # workaround every square video fell back to a full PyAV decode.
+    from conftest import random_frames
+
+    from vidtune.data.synth import write_video
+    from vidtune.data.video import _decode_decord, _resize, decode_frames
+
+    path = str(tmp_path / "square.mp4")
+    write_video(path, random_frames(t=10, h=96, w=96), fps=10)
+    got = _decode_decord(path, np.array([0, 4, 9]), (72, 72))  # raised DECORDError before
+    assert got.shape == (3, 72, 72, 3)
+    native = _decode_decord(path, np.array([0, 4, 9]), None)
+    assert np.array_equal(got, _resize(native, (72, 72)))
+    assert np.array_equal(decode_frames(path, np.array([0, 4, 9]), size=(72, 72)), got)

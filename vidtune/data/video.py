@@ -98,7 +98,25 @@ def decode_frames(path: str, indices: np.ndarray, size: tuple[int, int] | None =
     raise VideoError(f"{path}: cannot decode ({'; '.join(errors)})")
 
 
+# Output sizes decord's scaler fails to copy out (decord 0.6 raises "DECORDArrayCopyFromTo: The size
+# must exactly match" for some widths, e.g. 72x72 and 48x48): decoded natively and resized here
+# instead of falling back to a full PyAV decode.
+_DECORD_BAD_SIZES: set[tuple[int, int]] = set()
+
+
 def _decode_decord(path: str, indices: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
+    if size and size not in _DECORD_BAD_SIZES:
+        try:
+            return _decord_batch(path, indices, size)
+        except decord.DECORDError as e:
+            if "DECORDArrayCopyFromTo" not in str(e):
+                raise
+            _DECORD_BAD_SIZES.add(size)
+    frames = _decord_batch(path, indices, None)
+    return frames if not size or frames.shape[1:3] == tuple(size) else _resize(frames, size)
+
+
+def _decord_batch(path: str, indices: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
     kwargs = {"width": size[1], "height": size[0]} if size else {}
     vr = decord.VideoReader(path, num_threads=1, **kwargs)
     try:
@@ -106,6 +124,16 @@ def _decode_decord(path: str, indices: np.ndarray, size: tuple[int, int] | None)
         return vr.get_batch(indices.tolist()).asnumpy()  # (T, H, W, 3)
     finally:
         del vr
+
+
+def _resize(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``(T, H, W, 3)`` uint8 -> ``(T, *size, 3)`` uint8, antialiased bilinear."""
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.from_numpy(frames).permute(0, 3, 1, 2)  # (T, 3, H, W)
+    out = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
+    return out.permute(0, 2, 3, 1).contiguous().numpy()
 
 
 def _decode_pyav(path: str, indices: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
