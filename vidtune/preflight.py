@@ -23,11 +23,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch.utils.data import default_collate
 
 from vidtune.config import TrialConfig
 from vidtune.data.dataset import ClipDataset, segment_indices
 from vidtune.data.manifest import Manifest
 from vidtune.data.video import VideoError, decode_frames
+from vidtune.recipes import get_recipe
 
 CHECKS = ("manifest", "leak", "static", "inputs", "overfit", "chance")
 
@@ -156,17 +158,16 @@ def check_inputs(manifest: Manifest, cfg: TrialConfig, batches: int = 2) -> Find
 
 
 def check_overfit(manifest: Manifest, cfg: TrialConfig, steps: int = 40, batch: int = 8) -> Finding:
-    from vidtune.recipes import get_recipe
     from vidtune.train import build_optimizer
 
     recipe = get_recipe(cfg.recipe)
     torch.manual_seed(cfg.train.seed)
     part = manifest.split("train")
-    ds = ClipDataset(part, cfg.data, train=False)
+    ds = recipe.make_dataset(part, cfg, train=False)
     rows = np.random.default_rng(0).choice(len(ds), size=min(batch, len(ds)), replace=False)
     items = [ds[int(i)] for i in rows]
     x = torch.stack([it[0] for it in items])
-    y = torch.tensor([it[1] for it in items])
+    y = default_collate([it[1] for it in items])  # class ids, or a recipe's target tensors
     model = recipe.build_model(cfg, manifest.num_classes)
     loss_fn = recipe.build_loss(cfg, part.class_counts())
     extras = recipe.prepare(cfg, part, tempfile.gettempdir())
@@ -275,7 +276,9 @@ def run_preflight(cfg: TrialConfig, manifest: Manifest, log=print, pilot: bool =
     if not inputs.ok:
         return findings  # training on broken inputs would only repeat the finding
     add(check_overfit(manifest, cfg))
-    if pilot:
+    if pilot and get_recipe(cfg.recipe).pilot_metric is None:
+        add(Finding("chance", True, f"pilot skipped ({cfg.recipe} reports no class accuracy to hold against chance)", "warn"))
+    elif pilot:
         add(check_chance(manifest, cfg, epochs=pilot_epochs))
     else:
         add(Finding("chance", True, "pilot skipped (smoke test)", "warn"))

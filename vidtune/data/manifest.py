@@ -198,15 +198,18 @@ def build_manifest(
 def _assign_splits(paths: list[str], labels: list[int], val_fraction: float, seed: int) -> list[str]:
     out = ["train"] * len(paths)
     by_class: dict[int, list[int]] = {}
+    first_row: dict[str, int] = {}
     for j, label in enumerate(labels):
-        by_class.setdefault(label, []).append(j)
+        # Rows of one video (the segments of an untrimmed video) share a split, decided with its first row.
+        if first_row.setdefault(paths[j], j) == j:
+            by_class.setdefault(label, []).append(j)
     for members in by_class.values():
         ranked = sorted(members, key=lambda j: hashlib.sha1(f"{seed}:{os.path.basename(paths[j])}:{paths[j]}".encode()).hexdigest())
         num_val = round(len(ranked) * val_fraction) if len(ranked) > 1 else 0
         num_val = max(1, num_val) if len(ranked) > 1 and val_fraction > 0 else num_val
         for j in ranked[:num_val]:
             out[j] = "val"
-    return out
+    return [out[first_row[p]] for p in paths]
 
 
 def index_source(source: str, val_fraction: float = 0.2, seed: int = 0, progress: bool = False) -> Manifest:

@@ -127,8 +127,8 @@ def _write_one(job) -> str:
 
 def synthesize_detection(out_dir: str, prof, videos_per_class: int, seed: int = 0, workers: int | None = None,
                          progress: bool = False) -> str:
-    """Write the videos to ``out_dir/videos/``, ``out_dir/annotations.csv`` and the manifest
-    (one row per action); returns the manifest's path."""
+    """Write the videos to ``out_dir/videos/``, ``out_dir/annotations.csv`` (+ ``classes.txt``)
+    and the manifest (one row per action); returns the manifest's path."""
     from vidtune.data.manifest import build_manifest, write_manifest
 
     if videos_per_class < 2:
@@ -153,6 +153,9 @@ def synthesize_detection(out_dir: str, prof, videos_per_class: int, seed: int = 
         writer.writerow(["path", "label", "start", "end", "split"])
         for path, label, start, end, split in rows:
             writer.writerow([os.path.relpath(path, out_dir), label, f"{start:.4f}", f"{end:.4f}", split])
+    # classes.txt fixes the class order when the CSV is indexed again (`vidtune data index`).
+    with open(os.path.join(out_dir, "classes.txt"), "w", encoding="utf-8") as f:
+        f.write("".join(f"{name}\n" for name in prof.class_names))
     table = build_manifest([r[0] for r in rows], [r[1] for r in rows], splits=[r[4] for r in rows],
                            starts=[r[2] for r in rows], ends=[r[3] for r in rows], class_names=list(prof.class_names)).table
     manifest_path = os.path.join(out_dir, "manifest.parquet")
