@@ -66,3 +66,33 @@ def test_model_errors_name_the_key(tmp_path):
         build_model(ModelConfig(arch="cnn3d", pretrained_path=str(tmp_path / "nope.pt")), 3)
     with pytest.raises(ConfigError, match="arch: unknown 'rnn'"):
         ModelConfig(arch="rnn")
+
+
+def test_grid_pooling_keeps_where_an_object_is():
+    # The 2x2 grid refines global pooling (its cells average to the global features) and keeps
+    # which side of the frame a bright square is on — what a per-frame model needs to see a
+    # motion's direction, and what global pooling throws away.
+    from vidtune.models import build_frame_backbone
+
+    torch.manual_seed(0)
+    background = torch.rand(1, 3, 64, 64) * 0.2
+    left, right = background.clone(), background.clone()
+    left[..., 24:40, 4:20] = 1.0
+    right[..., 24:40, 44:60] = 1.0
+    flat = build_frame_backbone("resnet18", 3).eval()
+    grid = build_frame_backbone("resnet18", 3, grid=2).eval()
+    grid.model.load_state_dict(flat.state_dict())
+    with torch.no_grad():
+        cells = {name: grid(x).reshape(-1, 2, 2) for name, x in (("left", left), ("right", right))}  # (D, row, col)
+        assert grid.num_features == 4 * flat.num_features
+        torch.testing.assert_close(cells["left"].mean(dim=(1, 2)), flat(left)[0], atol=1e-5, rtol=1e-4)
+    # Activation in the left column minus the right column: higher when the square is on the left.
+    contrast = {name: float(c[:, :, 0].sum() - c[:, :, 1].sum()) for name, c in cells.items()}
+    assert contrast["left"] > contrast["right"] + 0.2 * abs(contrast["right"]) + 1.0
+
+
+def test_max_pooled_frame_backbone_and_bad_grid():
+    model = build_model(ModelConfig(arch="timm", backbone="test_efficientnet", pool="max", spatial_grid=2), 3, num_frames=2)
+    assert model(torch.randn(1, 3, 2, 32, 32)).shape == (1, 3)
+    with pytest.raises(ConfigError, match="spatial_grid"):
+        ModelConfig(arch="timm", backbone="resnet18", spatial_grid=9)

@@ -48,6 +48,10 @@ class Profile:
     sizes: tuple[tuple[int, int], ...] = ((96, 72), (112, 84), (128, 96), (96, 96))  # (W, H)
     fps: tuple[int, ...] = (12, 15, 24, 30)
     val_fraction: float = 0.2
+    # Probability that the object's hue is its class's own (else random). Per-frame 2D models
+    # (timm backbones) see what a frame holds, hardly where: real classes carry such appearance
+    # cues (a scene, a held object), and a set of pure motions would hide every other difference.
+    hue_cue: float = 0.0
 
 
 def profile(recipe: str, num_classes: int | None = None) -> Profile:
@@ -89,12 +93,13 @@ def _profile(recipe: str, num_classes: int | None) -> Profile:
                    "move_down_right", "move_down", "shrink", "move_up_left", "rotate_cw", "rotate_ccw")
         weights = (50, 6, 5, 5, 4, 4, 3, 3, 3, 3, 2.5, 2.5, 2, 2)
         return Profile(motions, names, tuple(float(w) for w in weights), frames=(24, 40), sizes=((96, 72), (128, 96)),
-                       fps=(10, 15, 30))
+                       fps=(10, 15, 30), hue_cue=0.6)
     if recipe == "distill_clip_mobilevit":
         # Report 004 (Ego4D experiment): 8 egocentric actions, 8 frames a clip, ~100 clips.
         names = ("walking", "turning", "looking_around", "manipulating", "picking_up", "putting_down", "reaching", "standing")
         motions = ("move_down", "move_left", "orbit", "rotate_cw", "move_up", "move_down_right", "grow", "still")
-        return Profile(motions, names, (1.0,) * 8, frames=(16, 32), sizes=((112, 84), (128, 96)), fps=(15, 30))
+        return Profile(motions, names, (1.0,) * 8, frames=(16, 32), sizes=((112, 84), (128, 96)), fps=(15, 30),
+                       hue_cue=0.6)
     if recipe == "adatad_detection":
         # Report 003 (THUMOS-14): untrimmed videos, a few actions each over a background; the
         # videos are long and small (see synth_detection.py). Motions that survive a mirror flip.
@@ -165,13 +170,17 @@ def _progress(enabled: bool, done: int, total: int) -> None:
 def _write_one(job) -> str:
     path, motion, prof, key = job
     rng = np.random.default_rng(key)
-    frames, fps = render(motion, prof, rng)
+    hue = None
+    if prof.hue_cue > 0 and rng.uniform() < prof.hue_cue:
+        hue = key[1] / len(prof.motions)  # the class's own hue, evenly spread
+    frames, fps = render(motion, prof, rng, hue)
     write_video(path, frames, fps)
     return path
 
 
-def render(motion: str, prof: Profile, rng: np.random.Generator) -> tuple[np.ndarray, int]:
-    """Frames ``(T, H, W, 3)`` uint8 of one video showing ``motion``, and its fps."""
+def render(motion: str, prof: Profile, rng: np.random.Generator, hue: float | None = None) -> tuple[np.ndarray, int]:
+    """Frames ``(T, H, W, 3)`` uint8 of one video showing ``motion``, and its fps; ``hue`` (0..1)
+    fixes the object's hue (brightness still contrasts with the background)."""
     from PIL import Image, ImageDraw
 
     width, height = prof.sizes[rng.integers(len(prof.sizes))]
@@ -187,6 +196,11 @@ def render(motion: str, prof: Profile, rng: np.random.Generator) -> tuple[np.nda
     background = np.clip(base + texture - 128, 0, 255)
     # The object contrasts with the background so the motion stays visible after greyscale.
     colour = np.where(base > 128, rng.uniform(0, 60, 3), rng.uniform(195, 255, 3))
+    if hue is not None:
+        import colorsys
+
+        value = 0.35 if base.mean() > 128 else 1.0
+        colour = 255 * np.array(colorsys.hsv_to_rgb(hue + rng.normal(0, 0.02), rng.uniform(0.7, 1.0), value))
     shape = rng.choice(["square", "triangle", "bar"])
     radius = min(width, height) * rng.uniform(0.12, 0.18)
     # Start and end positions keep the object inside the frame for the whole video.

@@ -90,8 +90,31 @@ class TemporalAttentionHead(nn.Module):
         return self.block(x + pos).mean(dim=1)  # (B, dim)
 
 
-def build_frame_backbone(name: str, in_channels: int, pretrained: bool = False, pretrained_path: str = "") -> nn.Module:
-    """A timm 2D model without its classifier: ``(N, C, H, W) -> (N, num_features)``."""
+class GridPooledBackbone(nn.Module):
+    """A timm feature map average-pooled to a ``grid x grid`` layout and flattened.
+
+    Global average pooling keeps *what* is in a frame and drops *where*: a per-frame model then
+    cannot tell a left-to-right motion from right-to-left. A small grid keeps coarse position for
+    the temporal head at ``grid**2`` times the feature size."""
+
+    def __init__(self, model: nn.Module, grid: int, pool: str = "avg"):
+        super().__init__()
+        self.model = model
+        self.pool = nn.AdaptiveMaxPool2d(grid) if pool == "max" else nn.AdaptiveAvgPool2d(grid)
+        self.num_features = model.num_features * grid * grid
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fmap = self.model.forward_features(x)  # (N, C, h, w)
+        if fmap.ndim != 4:
+            raise ConfigError(f"model.spatial_grid: {type(self.model).__name__} has no 2D feature map (got {tuple(fmap.shape)}); use 1")
+        return self.pool(fmap).flatten(1)
+
+
+def build_frame_backbone(name: str, in_channels: int, pretrained: bool = False, pretrained_path: str = "",
+                         grid: int = 1, pool: str = "avg") -> nn.Module:
+    """A timm 2D model without its classifier: ``(N, C, H, W) -> (N, num_features)``; features are
+    globally pooled (``grid`` 1) or pooled to a ``grid x grid`` layout (see GridPooledBackbone),
+    by average or max (``pool``: max keeps a small object's features from being averaged away)."""
     import timm
 
     kwargs = {}
@@ -100,11 +123,14 @@ def build_frame_backbone(name: str, in_channels: int, pretrained: bool = False, 
         # timm's own route for local weights: the same filtering and adaptation as hub weights.
         kwargs["pretrained_cfg_overlay"] = {"file": os.path.abspath(pretrained_path)}
     try:
-        return timm.create_model(name, pretrained=pretrained or bool(pretrained_path), num_classes=0, in_chans=in_channels, **kwargs)
+        if grid == 1 and pool != "avg":
+            kwargs["global_pool"] = pool
+        model = timm.create_model(name, pretrained=pretrained or bool(pretrained_path), num_classes=0, in_chans=in_channels, **kwargs)
     except RuntimeError as e:
         if "Unknown model" in str(e):
             raise ConfigError(f"model.backbone: unknown timm model {name!r} (see timm.list_models())") from None
         raise
+    return GridPooledBackbone(model, grid, pool) if grid > 1 else model
 
 
 class FrameClassifier(nn.Module):
@@ -112,7 +138,7 @@ class FrameClassifier(nn.Module):
 
     def __init__(self, cfg: ModelConfig, num_classes: int, in_channels: int, num_frames: int):
         super().__init__()
-        self.backbone = build_frame_backbone(cfg.backbone, in_channels, cfg.pretrained, cfg.pretrained_path)
+        self.backbone = build_frame_backbone(cfg.backbone, in_channels, cfg.pretrained, cfg.pretrained_path, cfg.spatial_grid, cfg.pool)
         dim = self.backbone.num_features
         if cfg.temporal_head == "attention":
             self.temporal = TemporalAttentionHead(dim, num_frames, dropout=cfg.dropout)

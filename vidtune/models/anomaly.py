@@ -9,11 +9,12 @@ from torch import nn
 
 class MultiTaskAnomalyNet(nn.Module):
     def __init__(self, backbone: str, in_channels: int, num_classes: int, num_frames: int, encoder: str = "bilstm",
-                 hidden: int = 256, latent: int = 32, dropout: float = 0.5, pretrained: bool = False, pretrained_path: str = ""):
+                 hidden: int = 256, latent: int = 32, dropout: float = 0.5, pretrained: bool = False, pretrained_path: str = "",
+                 grid: int = 1, pool: str = "avg"):
         super().__init__()
         from vidtune.models import build_frame_backbone
 
-        self.backbone = build_frame_backbone(backbone, in_channels, pretrained, pretrained_path)
+        self.backbone = build_frame_backbone(backbone, in_channels, pretrained, pretrained_path, grid, pool)
         dim = self.backbone.num_features
         self.proj = nn.Linear(dim, hidden)
         self.encoder_kind = encoder

@@ -70,7 +70,8 @@ class AnomalyRecipe(Recipe):
         if cfg.model.arch != "timm":
             raise ConfigError(f"model.arch: anomaly_multitask uses a timm per-frame backbone (arch: timm), got {cfg.model.arch!r}")
         return MultiTaskAnomalyNet(cfg.model.backbone, cfg.data.channels, num_classes, cfg.data.num_frames, o.encoder,
-                                   o.hidden, o.latent, cfg.model.dropout, cfg.model.pretrained, cfg.model.pretrained_path)
+                                   o.hidden, o.latent, cfg.model.dropout, cfg.model.pretrained, cfg.model.pretrained_path,
+                                   cfg.model.spatial_grid, cfg.model.pool)
 
     def prepare(self, cfg: TrialConfig, manifest, work_dir: str) -> dict[str, torch.Tensor]:
         normal = normal_index(manifest.class_names, self.options(cfg).normal_class)

@@ -53,11 +53,11 @@ class DistillStudent(nn.Module):
     """timm backbone per frame -> temporal attention pooling -> 512-d projection and classifier."""
 
     def __init__(self, backbone: str, num_classes: int, in_channels: int, num_frames: int, embed_dim: int,
-                 dropout: float, pretrained: bool = False, pretrained_path: str = ""):
+                 dropout: float, pretrained: bool = False, pretrained_path: str = "", grid: int = 1, pool: str = "avg"):
         super().__init__()
         from vidtune.models import TemporalAttentionHead, build_frame_backbone
 
-        self.backbone = build_frame_backbone(backbone, in_channels, pretrained, pretrained_path)
+        self.backbone = build_frame_backbone(backbone, in_channels, pretrained, pretrained_path, grid, pool)
         self.temporal = TemporalAttentionHead(self.backbone.num_features, num_frames, dropout=dropout)
         self.dropout = nn.Dropout(dropout)
         self.project = nn.Linear(self.temporal.out_dim, embed_dim)
@@ -99,7 +99,8 @@ class DistillRecipe(Recipe):
     def build_model(self, cfg: TrialConfig, num_classes: int) -> nn.Module:
         o = self.options(cfg)
         return DistillStudent(cfg.model.backbone or "mobilevit_xxs", num_classes, cfg.data.channels, cfg.data.num_frames,
-                              o.embed_dim, cfg.model.dropout, cfg.model.pretrained, cfg.model.pretrained_path)
+                              o.embed_dim, cfg.model.dropout, cfg.model.pretrained, cfg.model.pretrained_path,
+                              cfg.model.spatial_grid, cfg.model.pool)
 
     # -- the teacher cache
     def cache_key(self, cfg: TrialConfig, manifest) -> str:
