@@ -6,6 +6,7 @@ import dataclasses
 import json
 import multiprocessing
 import os
+import pickle
 import shutil
 
 import numpy as np
@@ -216,3 +217,15 @@ def test_fit_with_and_without_cache_gives_the_same_run(tiny_set, tmp_path, monke
     plain = fit(cfg, manifest, str(tmp_path / "c"), log=lambda _m: None)
     for key in ("train_loss", "val_loss", "val_top1"):
         assert cached["metrics"][key] == off["metrics"][key] == plain["metrics"][key]
+
+
+def test_loader_workers_map_the_cache_themselves(built):
+    # Workers receive the dataset pickled: the cache travels as its folder and is mapped again there.
+    manifest, _, cache = built
+    val = manifest.split("val")
+    ds = ClipDataset(val, CFG, train=False, cache=cache)
+    assert cache.clips_part.rows  # opened here...
+    assert pickle.loads(pickle.dumps(cache)).clips_part._rows is None  # ...but not shipped
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=1, multiprocessing_context="forkserver")
+    got = torch.cat([clips for clips, _, _ in loader])
+    assert torch.equal(got, torch.stack([ds[i][0] for i in range(len(ds))]))
