@@ -229,3 +229,55 @@ def test_loader_workers_map_the_cache_themselves(built):
     loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=1, multiprocessing_context="forkserver")
     got = torch.cat([clips for clips, _, _ in loader])
     assert torch.equal(got, torch.stack([ds[i][0] for i in range(len(ds))]))
+
+
+FROZEN = {
+    "data": {"num_segments": 4, "decode_short_side": 40, "crop_size": 32, "num_workers": 0},
+    "model": {"arch": "timm", "backbone": "test_efficientnet", "freeze_backbone": True, "temporal_head": "attention"},
+    "train": {"epochs": 2, "batch_size": 8, "precision": "fp32", "lr": 0.01},
+}
+
+
+def test_frozen_backbone_features_are_computed_once_and_equal_the_live_backbone(tiny_set, tmp_path):
+    from vidtune.models import build_model
+    from vidtune.recipes.features import FeatureDataset, backbone_features
+
+    cfg = TrialConfig.from_dict(FROZEN)
+    val = read_manifest(tiny_set).split("val")
+    logs: list[str] = []
+    path, computed = backbone_features(cfg, val, str(tmp_path), log=logs.append)
+    assert computed and len(logs) == 1 and "backbone features" in logs[0]
+    assert backbone_features(cfg, val, str(tmp_path), log=logs.append) == (path, False)  # reused
+    other = cfg.with_overrides({"data.crop_size": 24})
+    assert backbone_features(other, val, str(tmp_path), log=logs.append)[0] != path  # input changed: new key
+
+    torch.manual_seed(cfg.train.seed)  # as fit() builds its model
+    model = build_model(cfg.model, 4, in_channels=3, num_frames=cfg.data.num_frames)
+    model.train()
+    assert not model.backbone.training and not any(p.requires_grad for p in model.backbone.parameters())
+    ds = FeatureDataset(path, val.column("label"))
+    clips = torch.stack([ClipDataset(val, cfg.data, train=False)[i][0] for i in range(3)])  # (3, C, T, H, W)
+    feats = torch.stack([ds[i][0] for i in range(3)])  # (3, T, D)
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(model.frame_features(clips), feats, atol=1e-5)
+        assert torch.allclose(model(clips), model(feats), atol=1e-5)
+
+
+def test_fit_on_frozen_features_and_recipes_without_them_refuse(tiny_set, tmp_path, monkeypatch):
+    from vidtune.recipes import get_recipe
+    from vidtune.train import fit
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    manifest = read_manifest(tiny_set)
+    cfg = TrialConfig.from_dict(FROZEN)
+    info = get_recipe("classify").warm_cache(cfg, manifest, str(tmp_path / "cache"))
+    assert info["computed"]
+    logs: list[str] = []
+    out = fit(cfg, manifest, str(tmp_path / "run"), log=logs.append)
+    assert out["epochs"] == 2 and not any("backbone features" in line for line in logs)  # the warm step's files
+    assert len([n for n in os.listdir(tmp_path / "cache") if n.endswith(".npy")]) == 2  # train and val
+    with pytest.raises(ConfigError, match=r"model.freeze_backbone: recipe 'distill_clip_mobilevit' does not train"):
+        get_recipe("distill_clip_mobilevit").make_dataset(manifest.split("val"), cfg, train=False)
+    with pytest.raises(ConfigError, match=r"model.freeze_backbone: only for arch 'timm' \(got arch 'cnn3d'\)"):
+        TrialConfig.from_dict({"model": {"freeze_backbone": True}})

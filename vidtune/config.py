@@ -102,6 +102,9 @@ class ModelConfig:
     dropout: float = 0.2
     pretrained: bool = False  # hub weights (needs network access)
     pretrained_path: str = ""  # local weights file, for offline use
+    # timm only: a frozen backbone; its per-frame features (validation view) are computed once per
+    # data set and cached, and trials train only the temporal head on them
+    freeze_backbone: bool = False
 
     ARCHES = ("cnn3d", "timm", "torchvision", "slowfast", "lipcnn")
     HEADS = ("avg", "attention")
@@ -114,6 +117,8 @@ class ModelConfig:
             problems.append(f"backbone: required when arch is {self.arch!r}")
         if self.temporal_head not in self.HEADS:
             problems.append(f"temporal_head: unknown {self.temporal_head!r}; choose one of {list(self.HEADS)}")
+        if self.freeze_backbone and self.arch != "timm":
+            problems.append(f"freeze_backbone: only for arch 'timm' (got arch {self.arch!r})")
         if not 1 <= self.spatial_grid <= 4:
             problems.append(f"spatial_grid: must be 1..4 (got {self.spatial_grid})")
         if self.pool not in ("avg", "max"):

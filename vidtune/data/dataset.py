@@ -56,7 +56,10 @@ def normalize(clip: torch.Tensor, cfg: DataConfig) -> torch.Tensor:
 
 def normalize_batch(clips: torch.Tensor, cfg: DataConfig) -> torch.Tensor:
     """``normalize`` for a uint8 batch ``(B, C, T, H, W)`` on any device: the loader ships uint8
-    (a quarter of the bytes) and the accelerator does the float work."""
+    (a quarter of the bytes) and the accelerator does the float work. Float input (frozen-backbone
+    features) is already what the model takes and passes through."""
+    if clips.dtype != torch.uint8:
+        return clips
     x = clips.float()
     if cfg.channels == 1 and x.shape[1] == 3:
         x = x.mean(dim=1, keepdim=True)

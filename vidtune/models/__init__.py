@@ -134,11 +134,17 @@ def build_frame_backbone(name: str, in_channels: int, pretrained: bool = False, 
 
 
 class FrameClassifier(nn.Module):
-    """A timm 2D backbone on every frame, pooled over time by a temporal head."""
+    """A timm 2D backbone on every frame, pooled over time by a temporal head.
+
+    With ``freeze_backbone`` the backbone stays in eval mode without gradients, and ``forward``
+    also takes its per-frame features ``(B, T, D)`` directly (cached once per data set)."""
 
     def __init__(self, cfg: ModelConfig, num_classes: int, in_channels: int, num_frames: int):
         super().__init__()
         self.backbone = build_frame_backbone(cfg.backbone, in_channels, cfg.pretrained, cfg.pretrained_path, cfg.spatial_grid, cfg.pool)
+        self.frozen = cfg.freeze_backbone
+        if self.frozen:
+            self.backbone.requires_grad_(False)
         dim = self.backbone.num_features
         if cfg.temporal_head == "attention":
             self.temporal = TemporalAttentionHead(dim, num_frames, dropout=cfg.dropout)
@@ -148,10 +154,19 @@ class FrameClassifier(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         self.fc = nn.Linear(dim, num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def train(self, mode: bool = True) -> FrameClassifier:
+        super().train(mode)
+        if self.frozen:
+            self.backbone.eval()  # frozen means frozen batch-norm statistics too
+        return self
+
+    def frame_features(self, x: torch.Tensor) -> torch.Tensor:
         b, c, t, h, w = x.shape
         frames = x.transpose(1, 2).reshape(b * t, c, h, w)  # (B*T, C, H, W)
-        feats = self.backbone(frames).reshape(b, t, -1)  # (B, T, D)
+        return self.backbone(frames).reshape(b, t, -1)  # (B, T, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = x if x.ndim == 3 else self.frame_features(x)  # (B, T, D); 3-D input: cached features
         pooled = self.temporal(feats) if self.temporal is not None else feats.mean(dim=1)  # (B, D')
         return self.fc(self.dropout(pooled))
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from vidtune.config import TrialConfig, from_dict
+from vidtune.config import ConfigError, TrialConfig, from_dict
 from vidtune.data.dataset import ClipDataset
 from vidtune.metrics import classification_metrics
 from vidtune.models import build_model
@@ -32,6 +33,7 @@ class Recipe:
     name = "classify"
     Options: type = NoOptions
     synthetic = "quickstart"
+    frozen_features = False  # trains on cached backbone features with model.freeze_backbone
     pilot_metric: str | None = "val_mean_class_acc"  # preflight's chance pilot; None: the recipe has none
 
     def options(self, cfg: TrialConfig):
@@ -47,7 +49,17 @@ class Recipe:
     def make_dataset(self, manifest, cfg: TrialConfig, train: bool, cache=None, normalise: bool = True):
         """The dataset of ``manifest``'s rows; items are ``(clip (C, T, H, W), label, row)`` and the
         label may be any tensor the recipe's loss and ``evaluate`` read (it is batched by stacking)."""
+        if cfg.model.freeze_backbone:
+            from vidtune.recipes.features import FeatureDataset, backbone_features
+
+            self._check_frozen(cfg)
+            return FeatureDataset(backbone_features(cfg, manifest)[0], manifest.column("label"))
         return ClipDataset(manifest, cfg.data, train=train, seed=cfg.train.seed, cache=cache, normalise=normalise)
+
+    def _check_frozen(self, cfg: TrialConfig) -> None:
+        if not self.frozen_features:
+            raise ConfigError(f"model.freeze_backbone: recipe {self.name!r} does not train on frozen features; "
+                              "the classify recipes with arch 'timm' do")
 
     def param_groups(self, model: nn.Module, cfg: TrialConfig) -> list[dict] | None:
         """Optimiser parameter groups (with their own ``lr`` / ``weight_decay``); None: one lr for all."""
@@ -63,6 +75,13 @@ class Recipe:
 
     def warm_cache(self, cfg: TrialConfig, manifest, cache_dir: str) -> dict:
         """Compute what every trial would otherwise compute again, once, before the sweep starts."""
+        if cfg.model.freeze_backbone:
+            from vidtune.recipes.features import backbone_features
+
+            self._check_frozen(cfg)
+            # Per split: trials ask for their train and val rows separately (the key is the rows').
+            done = [backbone_features(cfg, manifest.split(s), cache_dir) for s in ("train", "val")]
+            return {"cache": os.path.dirname(done[0][0]), "computed": any(c for _, c in done)}
         return {}
 
     def static_metrics(self, model: nn.Module, cfg: TrialConfig) -> dict[str, float]:

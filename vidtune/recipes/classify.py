@@ -34,6 +34,7 @@ class ClassifyOptions:
 class ClassifyRecipe(Recipe):
     name = "classify"
     Options = ClassifyOptions
+    frozen_features = True
 
     def build_loss(self, cfg: TrialConfig, class_counts: np.ndarray):
         opts = self.options(cfg)
