@@ -16,7 +16,13 @@ import yaml
 
 from vidtune.config import ConfigError, TrialConfig
 from vidtune.data.manifest import DataError, build_manifest, index_source, read_manifest
-from vidtune.detection_metrics import average_precision_at_tious, detection_map, interpolated_ap, nms_1d, segment_tiou
+from vidtune.detection_metrics import (
+    average_precision_at_tious,
+    detection_map,
+    interpolated_ap,
+    nms_1d,
+    segment_tiou,
+)
 
 MAP_KEYS = ["val_map", "val_map_0.3", "val_map_0.4", "val_map_0.5", "val_map_0.6", "val_map_0.7"]
 
@@ -171,10 +177,13 @@ def test_annotations_csv_indexes_to_the_same_segments(det_set, tmp_path):
     m = read_manifest(det_set)
     again = index_source(os.path.join(folder, "annotations.csv"))
     assert again.class_names == m.class_names  # classes.txt beside the CSV keeps the order
-    key = lambda mm: sorted(zip(mm.column("path"), mm.column("label_name"), np.round(mm.column("start"), 3), mm.column("split")))  # noqa: E731
+    def key(mm):
+        return sorted(zip(mm.column("path"), mm.column("label_name"), np.round(mm.column("start"), 3), mm.column("split")))
+
     assert key(again) == key(m)
     # Without a split column the rows of one video still land in one split.
-    rows = list(csv.DictReader(open(os.path.join(folder, "annotations.csv"))))
+    with open(os.path.join(folder, "annotations.csv"), newline="") as f:
+        rows = list(csv.DictReader(f))
     with open(tmp_path / "nosplit.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["path", "label", "start", "end"])
@@ -347,6 +356,19 @@ def test_fit_reports_map_keeps_the_ema_weights_and_resumes(det_set, tmp_path):
     fit(cfg, m, str(tmp_path), report=lambda mm, d: reports.append(mm), resume_dir=str(tmp_path / "last"))
     assert reports[-1]["epoch"] == 2
     assert load_checkpoint(str(tmp_path / "last"), with_train_state=True)["train_state"]["ema"]["updates"] == 2 * updates
+
+
+def test_sliding_window_training_and_validation(det_set, tmp_path):
+    from vidtune.train import fit
+
+    reports = []
+    cfg = det_cfg(**{"options.window_frames": 64, "options.nms": "hard"})
+    fit(cfg, read_manifest(det_set), str(tmp_path), report=lambda mm, d: reports.append(mm))
+    assert all(math.isfinite(reports[0][k]) for k in MAP_KEYS)
+    with open(tmp_path / "best" / "config.json") as f:
+        details = json.load(f)["details"]
+    # Ground truth is counted once per video however many windows saw it.
+    assert details["num_gt"] == int(read_manifest(det_set).class_counts("val").sum())
 
 
 def test_preflight_overfits_one_detection_batch_and_skips_the_chance_pilot(det_set):

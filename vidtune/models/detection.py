@@ -4,7 +4,7 @@ ActionFormer's per-location heads.
 
 Shapes: a clip is ``(B, C, N, H, W)`` with ``N = T * F`` frames (``T`` snippets of ``F`` frames,
 ``data.num_segments`` and ``data.frames_per_segment``). The backbone sees ``(B*N, C, H, W)``; the
-snippet features are ``(B, T, D)``; pyramid level ``l`` has ``ceil(T / 2^l)`` locations, each a
+snippet features are ``(B, T, D)``, centred over the window; pyramid level ``l`` has ``ceil(T / 2^l)`` locations, each a
 point at the centre of its ``2^l`` snippets. Outputs are per location over all levels ``L``:
 class logits ``(B, L, K)`` and non-negative distances to the start and end ``(B, L, 2)`` in units
 of the level's stride.
@@ -188,17 +188,21 @@ class ChannelNorm(nn.Module):
         return self.norm(x.transpose(1, 2)).transpose(1, 2)
 
 
-def _conv_block(dim_in: int, dim: int, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv1d(dim_in, dim, 3, stride=stride, padding=1), ChannelNorm(dim), nn.ReLU(inplace=True))
+def _conv_block(dim_in: int, dim: int, stride: int = 1, norm: bool = True) -> nn.Sequential:
+    norm_layer = ChannelNorm(dim) if norm else nn.Identity()
+    return nn.Sequential(nn.Conv1d(dim_in, dim, 3, stride=stride, padding=1), norm_layer, nn.ReLU(inplace=True))
 
 
 class TemporalPyramid(nn.Module):
     """ActionFormer's neck, small: embedding convs, then ``levels`` levels, each halving time
-    (strided conv) and mixing it with one transformer layer when ``attention`` is on."""
+    (strided conv) and mixing it with one transformer layer when ``attention`` is on.
+
+    The first conv has no norm: a LayerNorm over channels would scale a quiet background snippet's
+    centred features (near zero) up to the loudness of an action's."""
 
     def __init__(self, in_dim: int, dim: int, levels: int, attention: bool, dropout: float):
         super().__init__()
-        self.embed = nn.Sequential(_conv_block(in_dim, dim), _conv_block(dim, dim))
+        self.embed = nn.Sequential(_conv_block(in_dim, dim, norm=False), _conv_block(dim, dim))
         self.down = nn.ModuleList([_conv_block(dim, dim, stride=2) for _ in range(levels - 1)])
         heads = max(1, dim // 32)
         self.mix = nn.ModuleList(
@@ -222,13 +226,15 @@ class TemporalActionDetector(nn.Module):
     """Adapted backbone -> snippet features -> pyramid -> shared classification and regression heads."""
 
     def __init__(self, backbone: AdaptedBackbone, num_classes: int, num_snippets: int, frames_per_snippet: int,
-                 dim: int = 128, levels: int = 4, attention: bool = True, dropout: float = 0.0, prior: float = 0.01):
+                 dim: int = 128, levels: int = 4, attention: bool = True, dropout: float = 0.0, prior: float = 0.01,
+                 center_features: bool = True):
         super().__init__()
         if num_snippets < 2 ** (levels - 1):
             raise ConfigError(f"data.num_segments: {num_snippets} snippets are too few for {levels} pyramid levels "
                               f"(needs >= {2 ** (levels - 1)}; lower options.pyramid_levels)")
         self.backbone = backbone
         self.num_snippets, self.frames_per_snippet, self.levels = num_snippets, frames_per_snippet, levels
+        self.center_features = center_features
         self.pyramid = TemporalPyramid(backbone.num_features, dim, levels, attention, dropout)
         self.cls_head = nn.Sequential(_conv_block(dim, dim), _conv_block(dim, dim), nn.Conv1d(dim, num_classes, 3, padding=1))
         self.reg_head = nn.Sequential(_conv_block(dim, dim), _conv_block(dim, dim), nn.Conv1d(dim, 2, 3, padding=1))
@@ -259,6 +265,11 @@ class TemporalActionDetector(nn.Module):
             raise ValueError(f"expected {t} snippets x {f} frames, got a clip of {n} frames")
         frames = x.transpose(1, 2).reshape(b * n, c, h, w)  # (B*N, C, H, W)
         feats = self.backbone(frames, n).reshape(b, t, f, -1).mean(dim=2)  # (B, T, D) snippet features
+        if self.center_features:
+            # A frozen backbone's features are dominated by the scene, which hardly changes within a
+            # window (measured on the synthetic set: 10x more spread between videos than over time);
+            # the window's mean feature is subtracted so the heads see what changes.
+            feats = feats - feats.mean(dim=1, keepdim=True)
         levels = self.pyramid(feats.transpose(1, 2))  # [(B, dim, T_l)]
         logits = torch.cat([self.cls_head(z) for z in levels], dim=2).transpose(1, 2)  # (B, L, K)
         offsets = torch.cat([F.relu(self.scales[i] * self.reg_head(z)) for i, z in enumerate(levels)], dim=2).transpose(1, 2)  # (B, L, 2)

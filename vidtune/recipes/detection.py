@@ -42,6 +42,7 @@ class DetectionOptions:
     embed_dim: int = 128  # width of the pyramid and heads (ActionFormer: 512)
     pyramid_levels: int = 4
     attention: bool = True  # one transformer layer per pyramid level
+    center_features: bool = True  # subtract each window's mean snippet feature (static scene out)
     center_radius: float = 1.5  # positives lie within this many strides of a segment's centre
     reg_weight: float = 1.0
     focal_alpha: float = 0.25
@@ -143,7 +144,7 @@ class DetectionRecipe(Recipe):
                                    trainable=o.backbone_lr > 0, grad_checkpointing=o.grad_checkpointing,
                                    pretrained=cfg.model.pretrained, pretrained_path=cfg.model.pretrained_path)
         return TemporalActionDetector(backbone, num_classes, cfg.data.num_segments, cfg.data.frames_per_segment, o.embed_dim,
-                                      o.pyramid_levels, o.attention, cfg.model.dropout)
+                                      o.pyramid_levels, o.attention, cfg.model.dropout, center_features=o.center_features)
 
     def make_dataset(self, manifest, cfg: TrialConfig, train: bool, cache=None, normalise: bool = True):
         from vidtune.data.detection import DetectionDataset
