@@ -95,7 +95,9 @@ def cmd_data_synth(a) -> int:
 
     path = synthesize(a.out, a.recipe, a.classes, a.videos_per_class, a.seed, progress=True)
     m = read_manifest(path)
-    print(f"wrote {len(m)} videos in {m.num_classes} classes; manifest {path}")
+    num_videos = len(set(m.column("path")))  # detection sets have one row per action
+    rows = f" ({len(m)} annotated segments)" if num_videos != len(m) else ""
+    print(f"wrote {num_videos} videos{rows} in {m.num_classes} classes; manifest {path}")
     return 0
 
 
