@@ -75,6 +75,9 @@ class Resources:
     workers: int = 1  # DDP workers per trial; 1 runs the trial in its own process, no worker group
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
+    # A custom Ray resource (e.g. `vidtune_driver`) that only reliable, non-spot nodes carry: a
+    # multi-worker trial's driver asks for a sliver of it, so losing a spot node never kills one.
+    driver_resource: str = ""
 
     def __post_init__(self) -> None:
         if self.workers < 1 or self.cpus_per_worker <= 0 or self.gpus_per_worker < 0:

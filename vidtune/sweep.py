@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from vidtune.config import TrialConfig
 from vidtune.data.manifest import DataError, Manifest, load_data, read_manifest
 from vidtune.space import SweepSpace, default_space_path, load_space
-from vidtune.tracking import SweepTracker, check_tracking, numeric_metrics, resolve_tracking_uri
+from vidtune.tracking import Outbox, SweepTracker, TrackingError, check_tracking, numeric_metrics, resolve_tracking_uri
 
 
 @dataclass
@@ -72,6 +72,26 @@ def synthetic_manifest(synth: dict, data_root: str) -> Manifest:
 # The per-trial driver (runs inside a Tune trial actor)
 # ----------------------------------------------------------------------------------------------
 def trial_driver(config: dict, ctx: dict) -> None:
+    """One trial. Tune restarts a trial whose process died (from its last checkpoint); an error
+    the trial raised itself (NaN loss, bad config, bad data) would only repeat, so it is written
+    down (by whichever process raised it, see ``train.remember_failure``) and raised again at
+    once on a restart instead of training again."""
+    from ray import tune
+
+    from vidtune.train import TrialFailed, remember_failure
+
+    work_dir = os.path.join(ctx["trials_dir"], tune.get_context().get_trial_id())
+    TrialFailed.raise_if_marked(work_dir)
+    try:
+        with remember_failure(work_dir):
+            _run_trial(config, ctx, work_dir)
+    except Exception:
+        TrialFailed.raise_if_marked(work_dir)  # a worker's own error, without Train's wrapping
+        raise
+
+
+def _run_trial(config: dict, ctx: dict, work_dir: str) -> None:
+    import ray
     import torch
     from ray import tune
 
@@ -80,16 +100,16 @@ def trial_driver(config: dict, ctx: dict) -> None:
     trial_id = tune.get_context().get_trial_id()
     cfg = TrialConfig.from_dict(ctx["base"]).with_overrides(config)
     os.environ["VIDTUNE_CACHE_DIR"] = ctx["cache_dir"]  # frozen-model outputs shared by all trials
-    work_dir = os.path.join(ctx["trials_dir"], trial_id)
     res = ctx["resources"]
 
     if res["workers"] <= 1:
         cpus = max(1, int(res["cpus_per_worker"]))
         torch.set_num_threads(cpus)
         device = torch.device("cuda") if res["gpus_per_worker"] > 0 and torch.cuda.is_available() else torch.device("cpu")
+        node = ray.get_runtime_context().get_node_id()
 
         def report(metrics: dict, checkpoint_dir: str) -> None:
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
+            tune.report({**metrics, "vidtune_nodes": node}, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
 
         checkpoint = tune.get_checkpoint()
         with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as resume_dir:
@@ -135,20 +155,27 @@ def _tune_callback_base():
 class MlflowTrialCallback(_tune_callback_base()):
     """Child run per trial: params at start, metrics every epoch (``step=epoch``), and at the end
     its status (``completed``: ran its budget or stopped early by itself; ``pruned``: stopped by
-    ASHA; ``failed``: raised, with the reason), its best checkpoint as ``checkpoint/``."""
+    ASHA; ``failed``: raised, with the reason), its best checkpoint as ``checkpoint/``.
+
+    Every write goes through an ``Outbox``: while the tracking server is unreachable, trials keep
+    training and their records wait (in memory and in ``<sweep>/mlflow_outbox.jsonl``)."""
 
     def __init__(self, tracking_uri: str, experiment: str, parent_id: str, trials_dir: str,
-                 metric: str = "", at_chance_below: float | None = None, grace_period: int = 1):
+                 metric: str = "", at_chance_below: float | None = None, grace_period: int = 1,
+                 tracker: SweepTracker | None = None):
         self.tracking_uri, self.experiment, self.parent_id, self.trials_dir = tracking_uri, experiment, parent_id, trials_dir
         # A trial whose tuned metric is still under this bar at ASHA's grace period is tagged
         # vidtune.at_chance=true: a pipeline problem, not a bad hyperparameter, is the likely cause.
         self.metric, self.at_chance_below, self.grace_period = metric, at_chance_below, grace_period
-        self._tracker: SweepTracker | None = None
+        self._tracker = tracker
+        self._outbox: Outbox | None = None
         self.last: dict[str, dict] = {}
+        self.tagged: set[str] = set()
 
     def __getstate__(self):  # Tune pickles its run config for restores; the client stays behind
         state = dict(self.__dict__)
         state["_tracker"] = None
+        state["_outbox"] = None
         return state
 
     @property
@@ -158,18 +185,29 @@ class MlflowTrialCallback(_tune_callback_base()):
             self._tracker.parent_id = self.parent_id
         return self._tracker
 
+    @property
+    def outbox(self) -> Outbox:
+        if self._outbox is None:
+            self._outbox = Outbox(self.tracker, os.path.join(os.path.dirname(self.trials_dir), "mlflow_outbox.jsonl"))
+        return self._outbox
+
+    def on_step_end(self, iteration, trials, **info):
+        self.outbox.flush()  # retries buffered writes (at most every few seconds while down)
+
     def on_trial_start(self, iteration, trials, trial, **info):
-        self.tracker.start_trial(trial.trial_id, trial.config)
+        self.outbox.put("start", trial.trial_id, params=trial.config)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        run_id = self.tracker.start_trial(trial.trial_id, trial.config)
         self.last[trial.trial_id] = result
         epoch = int(result.get("epoch", result.get("training_iteration", 0)))
-        self.tracker.log_epoch(run_id, numeric_metrics(result), step=epoch)
+        tags = {}
+        if trial.trial_id not in self.tagged and result.get("vidtune_nodes"):
+            tags["vidtune.nodes"] = str(result["vidtune_nodes"])  # Ray node ids the trial's workers ran on
+            self.tagged.add(trial.trial_id)
         value = result.get(self.metric)
         if self.at_chance_below is not None and epoch == self.grace_period and value is not None:
-            at_chance = value < self.at_chance_below
-            self.tracker.client.set_tag(run_id, "vidtune.at_chance", str(at_chance).lower())
+            tags["vidtune.at_chance"] = str(value < self.at_chance_below).lower()
+        self.outbox.put("epoch", trial.trial_id, params=trial.config, metrics=numeric_metrics(result), step=epoch, tags=tags)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = self.last.get(trial.trial_id) or trial.last_result or {}
@@ -180,8 +218,8 @@ class MlflowTrialCallback(_tune_callback_base()):
         self._end(trial, "failed", failure_reason(trial))
 
     def _end(self, trial, status: str, reason: str | None = None) -> None:
-        run_id = self.tracker.start_trial(trial.trial_id, trial.config)
-        self.tracker.end_trial(run_id, status, reason, checkpoint_dir=os.path.join(self.trials_dir, trial.trial_id, "best"))
+        self.outbox.put("end", trial.trial_id, params=trial.config, status=status, reason=reason,
+                        checkpoint_dir=os.path.join(self.trials_dir, trial.trial_id, "best"))
 
 
 def failure_reason(trial) -> str:
@@ -204,6 +242,7 @@ def failure_reason(trial) -> str:
 # The sweep
 # ----------------------------------------------------------------------------------------------
 DRIVER_CPU = 0.01  # what a multi-worker trial's driver reserves; it only waits on its workers
+WORKER_FAILURES = 2  # restarts of a trial (or of its worker group) after a process or node dies
 
 
 def _concurrency(space: SweepSpace, cluster: dict) -> int:
@@ -238,6 +277,52 @@ def _apply_options(space: SweepSpace, opts: SweepOptions) -> SweepSpace:
     return space
 
 
+class StorageError(ValueError):
+    """``--storage`` (or the data) is not visible from every node of a multi-node cluster."""
+
+
+def _probe_paths(paths: list[str]) -> list[str]:
+    return [p for p in paths if not os.path.exists(p)]
+
+
+def check_shared_storage(storage: str, sweep_dir: str, video: str | None) -> int:
+    """On a multi-node cluster, refuse a ``--storage`` folder (or data) that some node cannot see.
+
+    Trials on any node write checkpoints under ``storage`` and the sweep reads them back, so it
+    must be one shared folder (NFS, EFS, Lustre...). A marker file written here must show up on
+    every alive node; returns the number of nodes checked."""
+    import uuid
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) <= 1:
+        return len(nodes)
+    marker = os.path.join(sweep_dir, f".probe-{uuid.uuid4().hex[:8]}")
+    with open(marker, "w") as f:
+        f.write("vidtune storage probe\n")
+    probe = ray.remote(num_cpus=0)(_probe_paths)
+    paths = [marker] + ([video] if video else [])
+    try:
+        refs = {n["NodeID"]: probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(paths)
+                for n in nodes}
+        missing = dict(zip(refs, ray.get(list(refs.values()), timeout=120)))
+    finally:
+        os.remove(marker)
+    where = {n["NodeID"]: f"{n.get('NodeManagerAddress', '?')} ({n['NodeID'][:8]})" for n in nodes}
+    blind = [where[node] for node, gone in missing.items() if marker in gone]
+    if blind:
+        raise StorageError(
+            f"--storage {storage}: not shared; {len(blind)} of {len(nodes)} nodes cannot see it "
+            f"({', '.join(blind)}). On a multi-node cluster pass a folder every node mounts (NFS, EFS, Lustre)"
+        )
+    no_data = [where[node] for node, gone in missing.items() if video in gone]
+    if no_data:
+        raise StorageError(f"data: {video} is not readable on {', '.join(no_data)}; every node needs the videos at the same path")
+    return len(nodes)
+
+
 def _latest_sweep_dir(storage: str, name: str) -> str | None:
     candidates = sorted(glob.glob(os.path.join(storage, f"{name}-*")), key=os.path.getmtime)
     return candidates[-1] if candidates else None
@@ -245,11 +330,20 @@ def _latest_sweep_dir(storage: str, name: str) -> str | None:
 
 def run_sweep(opts: SweepOptions) -> dict:
     """Run (or resume) a sweep; returns a summary with the best trial's run id and value."""
+    # A failing HTTP call to the tracking server should fail in seconds, not MLflow's default
+    # minutes of retries: the outbox retries on its own schedule without blocking the sweep.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
     space = _apply_options(load_space(opts.space or default_space_path()), opts)
     tracking_uri = resolve_tracking_uri(opts.tracking_uri)
     check_tracking(tracking_uri)  # before any data work or trial
     experiment = opts.experiment or space.name
-    storage = os.path.abspath(opts.storage or "ray_results") if "://" not in (opts.storage or "") else opts.storage
+    if "://" in (opts.storage or ""):
+        # Trials write their work dirs (best/last checkpoints) under --storage with plain file I/O.
+        raise StorageError(f"--storage {opts.storage}: give a folder path; on a cluster, one every node mounts "
+                           "(NFS, EFS, Lustre, a bucket mounted with s3fs/gcsfuse)")
+    storage = os.path.abspath(opts.storage or "ray_results")
 
     manifest = prepare_data(space, opts.data, opts.data_root, opts.smoke_test)
     _describe_data(manifest)
@@ -300,6 +394,9 @@ def run_sweep(opts: SweepOptions) -> dict:
         # Faster Train reports (the controller polls workers; 2 s by default) for multi-worker trials.
         env = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")}
         ray.init(address=opts.address, runtime_env={"env_vars": env}, log_to_driver=True, configure_logging=False)
+    nodes = check_shared_storage(storage, sweep_dir, str(manifest.column("path")[0]) if len(manifest) else None)
+    if nodes > 1:
+        print(f"storage {storage}: shared by all {nodes} nodes")
     concurrency = _concurrency(space, ray.cluster_resources())
 
     tracker = SweepTracker(tracking_uri, experiment)
@@ -317,7 +414,11 @@ def run_sweep(opts: SweepOptions) -> dict:
     n_val = max(1, int(manifest.class_counts("val").sum()))
     at_chance_below = None if chance is None else chance + max(0.05, 3 * math.sqrt(chance * (1 - chance) / n_val))
     callback = MlflowTrialCallback(tracking_uri, experiment, parent_id, trials_dir, space.tune.metric, at_chance_below,
-                                   min(space.tune.asha.grace_period, space.tune.asha.max_t or space.base.train.epochs))
+                                   min(space.tune.asha.grace_period, space.tune.asha.max_t or space.base.train.epochs),
+                                   tracker=tracker)
+    if opts.resume and len(callback.outbox):
+        print(f"delivering {len(callback.outbox)} MLflow records kept from the interrupted sweep")
+        callback.outbox.flush(force=True)
     ctx = {
         "base": space.base.to_dict(),
         "manifest": manifest_path,
@@ -325,7 +426,7 @@ def run_sweep(opts: SweepOptions) -> dict:
         "storage": storage,
         "cache_dir": cache_dir,
         "resources": vars(space.resources),
-        "worker_failures": 2,
+        "worker_failures": WORKER_FAILURES,
     }
     res = space.resources
     if res.workers <= 1:
@@ -334,6 +435,8 @@ def run_sweep(opts: SweepOptions) -> dict:
         # The driver only waits on its worker group: a near-zero request avoids the deadlock where
         # drivers hold every CPU and no worker can start.
         trial_resources = {"cpu": DRIVER_CPU}
+        if res.driver_resource:
+            trial_resources[res.driver_resource] = DRIVER_CPU
     trainable = tune.with_resources(tune.with_parameters(trial_driver, ctx=ctx), trial_resources)
 
     # Keeping one checkpoint per trial forces a state snapshot on every report; Tune then warns on
@@ -379,7 +482,9 @@ def run_sweep(opts: SweepOptions) -> dict:
                 name=sweep_name,
                 storage_path=storage,
                 callbacks=[callback],
-                failure_config=tune.FailureConfig(max_failures=0),
+                # A trial whose process dies (node lost, OOM-killed) restarts from its last
+                # checkpoint; an error of the trial itself is not retried (see trial_driver).
+                failure_config=tune.FailureConfig(max_failures=WORKER_FAILURES),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                 verbose=1,
             ),
@@ -391,6 +496,16 @@ def run_sweep(opts: SweepOptions) -> dict:
     if released:
         print(f"released {released} placement groups left reserved by finished trials")
 
+    # Everything the trials reported reaches MLflow before the sweep is closed; a server still
+    # down keeps the records in the outbox file for `--resume` to deliver.
+    if not callback.outbox.drain(float(os.environ.get("VIDTUNE_MLFLOW_DRAIN_S", "300"))):
+        raise TrackingError(
+            f"{tracking_uri}: tracking server unreachable at the end of the sweep; {len(callback.outbox)} records are "
+            f"kept in {callback.outbox.path}; run the same command with --resume once it is back to deliver them"
+        )
+    closed = _close_open_trial_runs(tracker, parent_id, results, trials_dir)
+    if closed:
+        print(f"closed {closed} trial runs left open by an interrupted sweep")
     best_run, best_value = tracker.end_sweep(space.tune.metric, space.tune.mode)
     counts = {"completed": 0, "pruned": 0, "failed": 0}
     for run in tracker.client.search_runs([tracker.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=5000):
@@ -414,6 +529,29 @@ def run_sweep(opts: SweepOptions) -> dict:
     if errors:
         summary["failure_reasons"] = sorted({str(e).strip().splitlines()[-1][:200] for e in errors})
     return summary
+
+
+def _close_open_trial_runs(tracker: SweepTracker, parent_id: str, results, trials_dir: str) -> int:
+    """End trial runs still RUNNING once Tune is done (e.g. the sweep process was killed between a
+    trial's end and its MLflow record), with the status Tune's own record gives."""
+    final = {}
+    for r in results:
+        trial_id = (r.metrics or {}).get("trial_id")
+        if trial_id:
+            final[trial_id] = r
+    open_runs = tracker.client.search_runs(
+        [tracker.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}' and attributes.status = 'RUNNING'", max_results=5000
+    )
+    for run in open_runs:
+        trial_id = run.data.tags.get("vidtune.trial_id", "")
+        r = final.get(trial_id)
+        if r is not None and r.error is not None:
+            status, reason = "failed", str(r.error).strip().splitlines()[-1][:1000]
+        else:
+            status = "completed" if r is not None and (r.metrics or {}).get("vidtune_finished") else "pruned"
+            reason = None
+        tracker.end_trial(run.info.run_id, status, reason, os.path.join(trials_dir, trial_id, "best"))
+    return len(open_runs)
 
 
 def _live_placement_groups() -> set[str]:

@@ -255,3 +255,121 @@ def download_model(model_uri: str, uri: str | None = None) -> str:
         return mlflow.artifacts.download_artifacts(artifact_uri=model_uri, tracking_uri=resolve_tracking_uri(uri))
     except Exception as e:
         raise TrackingError(f"{model_uri}: cannot fetch the model ({str(e).splitlines()[0][:300]})") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Writes that survive a tracking-server outage
+# ----------------------------------------------------------------------------------------------
+def is_unreachable(error: BaseException) -> bool:
+    """True when ``error`` means the tracking server could not be reached (not a bad request)."""
+    import requests
+
+    if isinstance(error, (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError, TimeoutError)):
+        return True
+    text = str(error)
+    # MlflowClient wraps transport failures after its own retries in an MlflowException.
+    return any(s in text for s in ("Max retries exceeded", "Connection refused", "ConnectionError", "Read timed out",
+                                   "API request to", "503", "502", "504", "database is locked"))
+
+
+class Outbox:
+    """MLflow writes of a sweep, kept in order until the server has taken them.
+
+    Trials never talk to MLflow; the sweep process does, through this queue. When the server is
+    unreachable, writes stay queued (and are written to ``path`` so a killed sweep keeps them) and
+    are retried with a back-off; nothing blocks training. Each write is idempotent on replay:
+    metrics carry the timestamp of their first attempt (MLflow stores an identical metric once),
+    runs are found by their trial tag before one is created, tags and ends simply repeat."""
+
+    def __init__(self, tracker: SweepTracker, path: str | None = None, retry_every_s: float = 5.0):
+        self.tracker = tracker
+        self.path = path
+        self.retry_every_s = retry_every_s
+        self.ops: list[dict] = []
+        self.down_since: float | None = None
+        self.next_try = 0.0
+        self.delivered = 0
+        if path and os.path.exists(path):
+            import json
+
+            with open(path) as f:
+                self.ops = [json.loads(line) for line in f if line.strip()]
+
+    def __len__(self) -> int:
+        return len(self.ops)
+
+    def put(self, op: str, trial_id: str, **args) -> None:
+        self.ops.append({"op": op, "trial_id": trial_id, "t": int(time.time() * 1000), **args})
+        self.flush()
+
+    def flush(self, force: bool = False) -> bool:
+        """Deliver queued writes in order; True when none are left."""
+        if not self.ops:
+            return True
+        if not force and time.time() < self.next_try:
+            self._save()
+            return False
+        while self.ops:
+            try:
+                self._apply(self.ops[0])
+            except Exception as e:
+                if not is_unreachable(e):
+                    raise
+                if self.down_since is None:
+                    self.down_since = time.time()
+                    print(f"MLflow {self.tracker.uri} unreachable ({str(e).splitlines()[0][:160]}); "
+                          f"trials go on, their records are kept and retried every {self.retry_every_s:g} s")
+                self.next_try = time.time() + self.retry_every_s
+                self._save()
+                return False
+            self.ops.pop(0)
+            self.delivered += 1
+        if self.down_since is not None:
+            print(f"MLflow {self.tracker.uri} reachable again after {time.time() - self.down_since:.0f} s; "
+                  "buffered records delivered")
+            self.down_since = None
+        self._save()
+        return True
+
+    def drain(self, timeout_s: float) -> bool:
+        """Retry until everything is delivered or ``timeout_s`` passes (then the file keeps the rest)."""
+        deadline = time.time() + timeout_s
+        while not self.flush(force=True):
+            if time.time() > deadline:
+                return False
+            time.sleep(min(self.retry_every_s, max(0.1, deadline - time.time())))
+        return True
+
+    def _save(self) -> None:
+        if not self.path:
+            return
+        import json
+
+        if not self.ops:
+            if os.path.exists(self.path):
+                os.remove(self.path)
+            return
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            for op in self.ops:
+                f.write(json.dumps(op) + "\n")
+        os.replace(tmp, self.path)
+
+    def _apply(self, op: dict) -> None:
+        from mlflow.entities import Metric
+
+        tracker = self.tracker
+        run_id = tracker.start_trial(op["trial_id"], op.get("params") or {})
+        kind = op["op"]
+        if kind == "start":
+            return
+        if kind == "epoch":
+            metrics = [Metric(k, v, op["t"], op["step"]) for k, v in op["metrics"].items()]
+            tags = op.get("tags") or {}
+            from mlflow.entities import RunTag
+
+            tracker.client.log_batch(run_id, metrics=metrics, tags=[RunTag(k, v) for k, v in tags.items()])
+        elif kind == "end":
+            tracker.end_trial(run_id, op["status"], op.get("reason"), op.get("checkpoint_dir"))
+        else:
+            raise ValueError(f"unknown outbox op {kind!r}")

@@ -35,6 +35,36 @@ class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite; the trial cannot recover."""
 
 
+FAILED_MARK = "failed.txt"  # in a trial's work dir: the trial's own error, not worth a retry
+
+
+class TrialFailed(RuntimeError):
+    """A trial's own error, raised again on a restart instead of training again."""
+
+    @staticmethod
+    def raise_if_marked(work_dir: str) -> None:
+        mark = os.path.join(work_dir, FAILED_MARK)
+        if os.path.exists(mark):
+            with open(mark) as f:
+                raise TrialFailed(f.read())
+
+
+@contextlib.contextmanager
+def remember_failure(work_dir: str):
+    """Write errors that would only repeat (NaN loss, bad config or data, a missing metric) to
+    ``work_dir``: Ray restarts a failed worker group or trial, which is right when a process or
+    node died and wasted when the trial itself is broken."""
+    from vidtune.config import ConfigError
+
+    try:
+        yield
+    except (NonFiniteLossError, ConfigError, DataError, KeyError, ValueError) as e:
+        os.makedirs(work_dir, exist_ok=True)
+        with open(os.path.join(work_dir, FAILED_MARK), "w") as f:
+            f.write(f"{type(e).__name__}: {e}")
+        raise
+
+
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """Autocast dtype for ``precision`` on ``device`` (None = fp32)."""
     if precision == "fp32":
@@ -329,6 +359,7 @@ def fit(
 # Ray Train adapter: the per-worker entry point for multi-worker (DDP) trials.
 # ----------------------------------------------------------------------------------------------
 def train_loop_per_worker(loop_config: dict) -> None:
+    import ray
     import ray.train
     import ray.train.torch
 
@@ -345,13 +376,23 @@ def train_loop_per_worker(loop_config: dict) -> None:
         ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if rank0 else None
         ray.train.report(metrics, checkpoint=ckpt)
 
+    TrialFailed.raise_if_marked(loop_config["work_dir"])
+    # The node of every rank, once: shows where a trial's DDP workers ran (they may span nodes).
+    nodes = [None] * ctx.get_world_size()
+    dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+    nodes_text = ",".join(sorted(set(nodes)))
+
+    def report_with_nodes(metrics: dict, checkpoint_dir: str) -> None:
+        report({**metrics, "vidtune_nodes": nodes_text}, checkpoint_dir)
+
     checkpoint = ray.train.get_checkpoint()
-    with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as resume_dir:
+    with remember_failure(loop_config["work_dir"]), \
+            checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as resume_dir:
         fit(
             cfg,
             manifest,
             work_dir=loop_config["work_dir"],
-            report=report,
+            report=report_with_nodes,
             resume_dir=resume_dir,
             device=ray.train.torch.get_device(),
             num_cpus=loop_config.get("cpus_per_worker"),
