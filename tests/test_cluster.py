@@ -6,6 +6,7 @@ killed and resumed, the tracking server down for a while, and storage one node c
 
 from __future__ import annotations
 
+import glob
 import os
 import secrets
 import shutil
@@ -20,7 +21,7 @@ import pytest
 import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PG_BIN = "/usr/lib/postgresql/15/bin"
+PG_BINS = sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)  # Debian's postgresql package
 
 
 def free_port() -> int:
@@ -43,7 +44,7 @@ def wait_for(predicate, timeout: float, what: str, every: float = 0.5):
 # PostgreSQL + mlflow server
 # ----------------------------------------------------------------------------------------------
 def _pg_tool(name: str) -> str | None:
-    for folder in (PG_BIN, *os.environ.get("PATH", "").split(os.pathsep)):
+    for folder in (*PG_BINS, *os.environ.get("PATH", "").split(os.pathsep)):
         path = os.path.join(folder, name)
         if os.path.exists(path):
             return path
