@@ -111,8 +111,11 @@ def _run_trial(config: dict, ctx: dict, work_dir: str) -> None:
         def report(metrics: dict, checkpoint_dir: str) -> None:
             tune.report({**metrics, "vidtune_nodes": node}, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
 
+        from vidtune.checkpoint import freshest_resume_dir
+
         checkpoint = tune.get_checkpoint()
         with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as resume_dir:
+            resume_dir = freshest_resume_dir(resume_dir, work_dir)
             fit(cfg, read_manifest(ctx["manifest"]), work_dir, report, resume_dir, device, num_cpus=cpus)
         return
 
