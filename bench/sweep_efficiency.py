@@ -129,7 +129,9 @@ def main() -> None:
     storage = os.path.join(args.workdir or tempfile.mkdtemp(prefix="vidtune-bench-"), "tune")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=False, log_to_driver=False)
+    # A private local Ray (address="local"): never join a cluster someone else started on this machine.
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=False,
+             log_to_driver=False)
     print(f"target val_top1 {TARGET} (chance 0.2, best 0.95), max {MAX_EPOCHS} epochs a trial; seeds {seeds}; "
           f"load {os.getloadavg()[0]:.2f}")
     out: dict[str, list] = {"asha_tpe": [], "random": []}

@@ -60,7 +60,9 @@ def main() -> None:
     import ray
 
     t0 = time.perf_counter()
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=True, configure_logging=False, log_to_driver=False)
+    # A private local Ray (address="local"): never join a cluster someone else started on this machine.
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=True, configure_logging=False,
+             log_to_driver=False)
     ray_init_s = time.perf_counter() - t0
 
     from vidtune.sweep import SweepOptions, run_sweep
