@@ -31,7 +31,9 @@ import os
 import shutil
 import time
 import uuid
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
 from dataclasses import dataclass
 from typing import Callable
 
@@ -297,10 +299,21 @@ def _write_shards(folder: str, kind: str, keys: list[str], job, workers: int | N
         except VideoError as e:
             return e
 
+    def in_order(pool):
+        # At most a few videos decoded ahead of the writer: memory stays bounded on any data set.
+        todo = iter(range(len(keys)))
+        pending = deque((i, pool.submit(safe, i)) for i in islice(todo, 4 * workers))
+        while pending:
+            i, future = pending.popleft()
+            nxt = next(todo, None)
+            if nxt is not None:
+                pending.append((nxt, pool.submit(safe, nxt)))
+            yield i, future.result()
+
     # decord and PyAV release the GIL while decoding: threads scale without copying frames around.
     with ThreadPoolExecutor(workers) as pool:
         try:
-            for i, result in enumerate(pool.map(safe, range(len(keys)))):
+            for i, result in in_order(pool):
                 if isinstance(result, VideoError):
                     bad[keys[i].split("|", 1)[0]] = str(result)
                     if len(bad) >= MAX_BAD_VIDEOS:
