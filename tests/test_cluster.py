@@ -266,20 +266,6 @@ def assert_every_run_whole(client, trials, epochs: int):
         assert "checkpoint/model.pt" in names
 
 
-def test_sweep_spans_nodes_and_logs_over_http(ray_nodes, mlflow_server, tiny_set, tmp_path):
-    storage = str(tmp_path / "storage")
-    log = str(tmp_path / "sweep.log")
-    proc = launch(ray_nodes, write_space(tmp_path, "spread"), tiny_set, mlflow_server.url, storage, "spread", log=log)
-    text = finish(proc, log)
-    assert "shared by all 3 nodes" in text
-    client, parents, trials = trial_runs(mlflow_server.url, "spread")
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED" and len(trials) == 3
-    assert_every_run_whole(client, trials, epochs=3)
-    nodes = {t.data.tags["vidtune.nodes"] for t in trials}
-    assert len(nodes) >= 2, nodes  # 3 one-CPU trials at once on three one-CPU nodes
-    assert not os.path.exists(os.path.join(storage, "mlflow_outbox.jsonl"))
-
-
 def test_killed_ddp_worker_resumes_from_checkpoint(ray_nodes, mlflow_server, tiny_set, tmp_path):
     storage = str(tmp_path / "storage")
     log = str(tmp_path / "sweep.log")
@@ -332,17 +318,17 @@ def test_killed_sweep_driver_resumes_without_losing_or_duplicating(ray_nodes, ml
         assert after[run_id] == end  # finished trials were not run again
 
 
-def test_tracking_server_outage_loses_nothing(ray_nodes, backend_store, tiny_set, tmp_path):
-    # A server of its own: this test takes it down.
+def test_sweep_spans_nodes_logs_over_http_and_outlives_a_tracking_outage(ray_nodes, backend_store, tiny_set, tmp_path):
+    # A server of its own: this test takes it down for a while mid-sweep.
     server = MlflowServer(backend_store, str(tmp_path / "artifacts"), free_port(), str(tmp_path / "server.log"))
     server.start()
     storage = str(tmp_path / "storage")
     log = str(tmp_path / "sweep.log")
-    space = write_space(tmp_path, "outage", num_samples=2, epochs=5, concurrent=2)
-    proc = launch(ray_nodes, space, tiny_set, server.url, storage, "outage", log=log)
+    proc = launch(ray_nodes, write_space(tmp_path, "spread", num_samples=3, epochs=5), tiny_set, server.url, storage,
+                  "spread", log=log)
     try:
         def first_epoch():
-            client, _, trials = trial_runs(server.url, "outage")
+            client, _, trials = trial_runs(server.url, "spread")
             return trials and any(epochs_logged(client, t.info.run_id) for t in trials)
 
         wait_for(first_epoch, 300, "a first epoch in MLflow")
@@ -351,10 +337,14 @@ def test_tracking_server_outage_loses_nothing(ray_nodes, backend_store, tiny_set
         assert proc.poll() is None, "the sweep must not stop because MLflow is down"
         server.start()
         text = finish(proc, log)
+        assert "shared by all 3 nodes" in text
         assert "unreachable" in text and "reachable again" in text
-        client, parents, trials = trial_runs(server.url, "outage")
-        assert len(parents) == 1 and parents[0].info.status == "FINISHED" and len(trials) == 2
-        assert_every_run_whole(client, trials, epochs=5)
+        client, parents, trials = trial_runs(server.url, "spread")
+        assert len(parents) == 1 and parents[0].info.status == "FINISHED" and len(trials) == 3
+        assert_every_run_whole(client, trials, epochs=5)  # nothing lost, nothing twice
+        nodes = {t.data.tags["vidtune.nodes"] for t in trials}
+        assert len(nodes) >= 2, nodes  # 3 one-CPU trials at once on three one-CPU nodes
+        assert not glob.glob(os.path.join(storage, "*", "mlflow_outbox.jsonl"))  # all delivered
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
