@@ -376,7 +376,7 @@ def test_preflight_overfits_one_detection_batch_and_skips_the_chance_pilot(det_s
 
     findings = run_preflight(det_cfg(), read_manifest(det_set), log=lambda _l: None, pilot=True)
     by_check = {f.check: f for f in findings}
-    assert by_check["overfit"].ok, by_check["overfit"].message
+    assert by_check["overfit"].ok and "one batch of 4 clips" in by_check["overfit"].message, by_check["overfit"].message
     assert by_check["chance"].level == "warn" and "pilot skipped" in by_check["chance"].message
 
 

@@ -295,7 +295,7 @@ def run_preflight(cfg: TrialConfig, manifest: Manifest, log=print, pilot: bool =
     add(inputs)
     if not inputs.ok:
         return findings  # training on broken inputs would only repeat the finding
-    add(check_overfit(manifest, cfg))
+    add(check_overfit(manifest, cfg, batch=get_recipe(cfg.recipe).overfit_batch))
     if pilot and get_recipe(cfg.recipe).pilot_metric is None:
         add(Finding("chance", True, f"pilot skipped ({cfg.recipe} reports no class accuracy to hold against chance)", "warn"))
     elif pilot:

@@ -35,6 +35,7 @@ class Recipe:
     synthetic = "quickstart"
     frozen_features = False  # trains on cached backbone features with model.freeze_backbone
     pilot_metric: str | None = "val_mean_class_acc"  # preflight's chance pilot; None: the recipe has none
+    overfit_batch = 8  # items in preflight's one-batch overfit check
 
     def options(self, cfg: TrialConfig):
         return from_dict(self.Options, cfg.options, "options")

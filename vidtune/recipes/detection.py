@@ -133,6 +133,7 @@ class DetectionRecipe(Recipe):
     Options = DetectionOptions
     synthetic = "adatad_detection"
     pilot_metric = None  # no class accuracy to hold against chance
+    overfit_batch = 4  # an item is a whole untrimmed video holding several actions
 
     def build_model(self, cfg: TrialConfig, num_classes: int) -> nn.Module:
         from vidtune.models.detection import AdaptedBackbone, TemporalActionDetector
