@@ -1,7 +1,8 @@
 """Report 003: temporal action detection on untrimmed video, AdaTAD-style (THUMOS-14 there).
 
 Model (``models/detection.py``): a frozen timm backbone per frame with a trainable temporal
-adapter after every block, snippet features, a 1D temporal pyramid and ActionFormer's heads.
+adapter after every block, snippet features (centred over the window: ``center_features``), a 1D
+temporal pyramid and ActionFormer's heads.
 Optimiser: AdamW with the adapters at ``options.adapter_lr`` (2e-4 in the report), the neck and
 heads at ``train.lr`` (1e-4), the backbone at ``options.backbone_lr`` (0 = frozen, the report);
 warmup + cosine, EMA (``train.ema_decay``), AMP and activation checkpointing come from the trainer
