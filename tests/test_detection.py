@@ -395,8 +395,12 @@ def test_a_short_run_learns_to_detect(tmp_path):
     from vidtune.data.synth import synthesize
     from vidtune.train import fit
 
-    m = read_manifest(synthesize(str(tmp_path / "d"), "adatad_detection", videos_per_class=16, seed=5))
-    summary = fit(det_cfg(**{"train.epochs": 8, "train.ema_decay": 0.99}), m, str(tmp_path / "w"), log=lambda _m: None)
+    # Measured with this setting: val_map 0.55 after 12 epochs; random detections score ~0.09.
+    m = read_manifest(synthesize(str(tmp_path / "d"), "adatad_detection", videos_per_class=40, seed=0))
+    cfg = det_cfg(**{"train.epochs": 12, "train.ema_decay": 0.999, "train.clip_grad_norm": 1.0, "data.num_segments": 32,
+                     "data.crop_size": 48, "data.decode_short_side": 48, "data.scale_min": 0.9, "options.embed_dim": 128,
+                     "options.pyramid_levels": 4})
+    summary = fit(cfg, m, str(tmp_path / "w"), log=lambda _m: None)
     assert summary["best"] > 0.3, summary
 
 
