@@ -51,6 +51,6 @@ def ray_cluster():
     """One real local Ray for the session (2 CPUs, dashboard on for the state API)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=True, configure_logging=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=True, configure_logging=False, log_to_driver=False)
     yield ray
     ray.shutdown()

@@ -134,13 +134,19 @@ class RayNodes:
                     "RAY_USAGE_STATS_ENABLED": "0"}
         self.env.pop("RAY_ADDRESS", None)
         self.tmp = tmp
+        import tempfile
+
+        self.temp_dir = tempfile.mkdtemp(prefix="vt-ray-", dir="/tmp")  # short: Ray's socket paths live here
 
     def ray(self, *args, prefix=(), **kw):
         return subprocess.run([*prefix, os.path.join(os.path.dirname(sys.executable), "ray"), *args], env=self.env,
                               capture_output=True, text=True, timeout=180, **kw)
 
     def start(self) -> None:
-        head = self.ray("start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(self.port), "--num-cpus", "1",
+        # A temp dir of its own: `ray start` records its cluster as the machine's current one there,
+        # and other Ray users on this machine (other tests, sweeps) must not find and join it.
+        head = self.ray("start", "--head", "--temp-dir", self.temp_dir, "--node-ip-address", "127.0.0.1",
+                        "--port", str(self.port), "--num-cpus", "1",
                         "--resources", '{"vidtune_driver": 10}', "--dashboard-port", str(free_port()),
                         "--min-worker-port", "0", "--max-worker-port", "0")
         assert head.returncode == 0, head.stderr[-2000:]
@@ -184,6 +190,7 @@ class RayNodes:
                 p.kill()
             except psutil.Error:
                 pass
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -396,7 +396,10 @@ def run_sweep(opts: SweepOptions) -> dict:
     if not ray.is_initialized():
         # Faster Train reports (the controller polls workers; 2 s by default) for multi-worker trials.
         env = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")}
-        ray.init(address=opts.address, runtime_env={"env_vars": env}, log_to_driver=True, configure_logging=False)
+        # No --address: a private local Ray, never whatever `ray start` left on this machine (Ray's
+        # own default would join it). `--address auto` or RAY_ADDRESS joins a running cluster.
+        address = opts.address or os.environ.get("RAY_ADDRESS") or "local"
+        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True, configure_logging=False)
     nodes = check_shared_storage(storage, sweep_dir, str(manifest.column("path")[0]) if len(manifest) else None)
     if nodes > 1:
         print(f"storage {storage}: shared by all {nodes} nodes")

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from vidtune.checkpoint import freshest_resume_dir, load_checkpoint, save_checkpoint
+from vidtune.checkpoint import load_checkpoint, save_checkpoint
 from vidtune.config import TrialConfig
 from vidtune.data.cache import open_clip_cache
 from vidtune.data.dataset import WeightedDistributedSampler, class_balanced_weights, normalize_batch
@@ -393,7 +393,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             manifest,
             work_dir=loop_config["work_dir"],
             report=report_with_nodes,
-            resume_dir=freshest_resume_dir(resume_dir, loop_config["work_dir"]),
+            # Ray Train records a run's checkpoints as they are reported: its own is the freshest.
+            resume_dir=resume_dir,
             device=ray.train.torch.get_device(),
             num_cpus=loop_config.get("cpus_per_worker"),
             log=print if rank0 else (lambda _msg: None),
