@@ -167,8 +167,14 @@ def cmd_preflight(a) -> int:
     return 1 if bad else 0
 
 
-def cmd_not_yet(a) -> int:
-    raise NotImplementedError(f"`vidtune {a.command}` is not available in this version")
+def cmd_report(a) -> int:
+    from vidtune.report import build_report
+    from vidtune.tracking import resolve_tracking_uri
+
+    out = build_report(resolve_tracking_uri(a.tracking_uri), a.experiment, a.out)
+    print(f"report of {out['trials']} trials (parent run {out['parent_run_id']}) in {out['out']}: summary.md, trials.parquet, "
+          f"plots/ ({len(out['plots'])} files)")
+    return 0
 
 
 COMMANDS = {
@@ -178,7 +184,7 @@ COMMANDS = {
     ("promote", None): cmd_promote,
     ("predict", None): cmd_predict,
     ("preflight", None): cmd_preflight,
-    ("report", None): cmd_not_yet,
+    ("report", None): cmd_report,
 }
 
 

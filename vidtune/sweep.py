@@ -363,7 +363,6 @@ def run_sweep(opts: SweepOptions) -> dict:
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
 
     if opts.resume:
         sweep_dir = _latest_sweep_dir(storage, space.name)
@@ -455,7 +454,10 @@ def run_sweep(opts: SweepOptions) -> dict:
         startup = space.tune.tpe_startup_trials or max(1, space.tune.num_samples // 3)
         # With the space given here, Tune's set_search_properties skips the searcher: it needs
         # metric and mode too (TuneConfig still needs them for the scheduler).
-        searcher = OptunaSearch(
+        from vidtune.optuna_search import HonestOptunaSearch
+
+        # ASHA-stopped trials are told to Optuna as PRUNED (Ray's OptunaSearch says COMPLETE).
+        searcher = HonestOptunaSearch(
             space=space.params,
             metric=space.tune.metric,
             mode=space.tune.mode,
@@ -513,6 +515,9 @@ def run_sweep(opts: SweepOptions) -> dict:
     if closed:
         print(f"closed {closed} trial runs left open by an interrupted sweep")
     best_run, best_value = tracker.end_sweep(space.tune.metric, space.tune.mode)
+    from vidtune.report import publish_sweep_report
+
+    publish_sweep_report(tracker.client, experiment, parent_id)  # plots/, trials.parquet, summary.md; never raises
     counts = {"completed": 0, "pruned": 0, "failed": 0}
     for run in tracker.client.search_runs([tracker.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=5000):
         status = run.data.tags.get("vidtune.trial_status")

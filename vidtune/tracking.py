@@ -189,6 +189,9 @@ class SweepTracker:
         """Tag the trial's end state, upload its best checkpoint, close its run."""
         if checkpoint_dir and os.path.isdir(checkpoint_dir):
             self.client.log_artifacts(run_id, checkpoint_dir, artifact_path="checkpoint")
+        from vidtune.report import log_trial_artifacts
+
+        log_trial_artifacts(self.client, run_id, checkpoint_dir)  # figures; errors print a line, never fail the trial
         self.client.set_tag(run_id, STATUS, status)
         if reason:
             self.client.set_tag(run_id, REASON, reason[:5000])

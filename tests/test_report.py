@@ -1,0 +1,170 @@
+"""Sweep insight on one real sweep (real Ray, SQLite MLflow, encoded videos): honest Optuna state,
+the parent run's plots/parquet/summary, per-trial figures, and `vidtune report` from MLflow alone."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+from test_sweep import TINY_SPACE
+
+from vidtune.sweep import SweepOptions, run_sweep
+
+PLOT_NAMES = ("optimization_history", "parallel_coordinate", "param_importances", "intermediate_values", "timeline")
+
+
+@pytest.fixture(scope="module")
+def swept(ray_cluster, tiny_set, tmp_path_factory):
+    """One sweep that ASHA must prune: trials run one at a time (grace period 1, reduction factor 2),
+    the baseline first, then a learning rate of 1e-12 that stays at its initial weights. ASHA stops
+    any trial whose epoch-1 value is under the median of those before it."""
+    tmp = tmp_path_factory.mktemp("report_sweep")
+    space = yaml.safe_load(yaml.safe_dump(TINY_SPACE))
+    space["space"]["train.lr"] = {"type": "categorical", "choices": [0.002, 0.005, 0.02, 1.0e-12]}
+    space["fixed"]["train"].update({"schedule": "constant", "warmup_pct": 0.0})
+    space["extra_points"] = [{"train.lr": 1.0e-12}]
+    space["tune"].update({"num_samples": 4, "max_concurrent": 1})
+    path = tmp / "tiny.yaml"
+    path.write_text(yaml.safe_dump(space))
+    uri, optuna_url = f"sqlite:///{tmp}/mlflow.db", f"sqlite:///{tmp}/optuna.db"
+    summary = run_sweep(SweepOptions(space=str(path), data=tiny_set, tracking_uri=uri, storage=str(tmp / "ray"),
+                                     experiment="insight", skip_preflight=True, optuna_storage=optuna_url))
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("insight")
+    trials = client.search_runs([exp.experiment_id], "tags.`vidtune.role` = 'trial'", max_results=100)
+    return {"summary": summary, "uri": uri, "optuna": optuna_url, "tmp": tmp, "client": client, "trials": trials}
+
+
+def test_asha_stopped_trials_are_pruned_in_the_optuna_study(swept):
+    import optuna
+    from optuna.trial import TrialState
+
+    summary, client = swept["summary"], swept["client"]
+    assert summary["failed"] == 0 and summary["pruned"] >= 1 and summary["completed"] >= 1, summary
+    study = optuna.load_study(study_name=summary["sweep"], storage=swept["optuna"])  # one study per sweep
+    assert len(study.trials) == 4
+    by_run_status = {}
+    for run in swept["trials"]:
+        epochs = sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_top1"))
+        values = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val_top1")}
+        by_run_status.setdefault(run.data.tags["vidtune.trial_status"], []).append((epochs, values, run))
+    pruned = [t for t in study.trials if t.state == TrialState.PRUNED]
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert len(pruned) == len(by_run_status.get("pruned", [])) >= 1
+    assert len(complete) == len(by_run_status.get("completed", [])) >= 1
+    assert not [t for t in study.trials if t.state not in (TrialState.PRUNED, TrialState.COMPLETE)]
+    # Pruned: the epochs it ran as intermediate values (step = epoch), its last one as its value.
+    pruned_curves = sorted(sorted(t.intermediate_values.items()) for t in pruned)
+    assert pruned_curves == sorted(sorted(v.items()) for _, v, _ in by_run_status["pruned"])
+    for t in pruned:
+        assert max(t.intermediate_values) < 2 and t.value == t.intermediate_values[max(t.intermediate_values)]
+    # Complete: every epoch of its budget, and its best epoch's value (the checkpoint it leaves).
+    for t in complete:
+        assert sorted(t.intermediate_values) == [1, 2]
+    assert sorted(t.value for t in complete) == sorted(r.data.metrics["best_val_top1"] for _, _, r in by_run_status["completed"])
+
+
+def _parent(swept):
+    return swept["client"].get_run(swept["summary"]["parent_run_id"])
+
+
+def test_parent_run_holds_plots_trials_table_and_summary(swept, tmp_path):
+    import pandas as pd
+
+    client, summary = swept["client"], swept["summary"]
+    parent_id = summary["parent_run_id"]
+    top = {os.path.basename(a.path) for a in client.list_artifacts(parent_id)}
+    assert {"plots", "trials.parquet", "summary.md"} <= top
+    plots = {os.path.basename(a.path): a.file_size for a in client.list_artifacts(parent_id, "plots")}
+    local = client.download_artifacts(parent_id, "", str(tmp_path))
+    summary_md = open(os.path.join(local, "summary.md")).read()
+    for name in PLOT_NAMES:
+        if name == "param_importances" and summary["completed"] < 2:
+            assert "`param_importances`: needs at least 2 completed trials" in summary_md
+            continue
+        assert plots.get(f"{name}.html", 0) > 10_000 and plots.get(f"{name}.png", 0) > 5_000, (name, plots)
+        with open(os.path.join(local, "plots", f"{name}.png"), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    with open(os.path.join(local, "plots", "intermediate_values.html")) as f:
+        html = f.read()
+    assert "stopped by ASHA" in html  # the pruned trials' stopping points are marked
+
+    df = pd.read_parquet(os.path.join(local, "trials.parquet"))
+    runs = {r.info.run_id: r for r in swept["trials"]}
+    assert len(df) == 4 and set(df["run_id"]) == set(runs)
+    for row in df.to_dict("records"):
+        run = runs[row["run_id"]]
+        assert row["status"] == run.data.tags["vidtune.trial_status"]
+        assert row["epochs"] == len(swept["client"].get_metric_history(row["run_id"], "val_top1"))
+        assert row["best_val_top1"] == pytest.approx(run.data.metrics["best_val_top1"])
+        assert row["wall_s"] > 0
+        assert row["param.train.lr"] == float(run.data.params["train.lr"])
+    assert df["param.train.lr"].dtype.kind == "f"
+
+    best = client.get_run(summary["best_run_id"])
+    assert f"run `{summary['best_run_id']}`" in summary_md
+    assert f"{summary['completed']} completed, {summary['pruned']} pruned by ASHA, 0 failed" in summary_md
+    assert f"| `train.lr` | {best.data.params['train.lr']} |" in summary_md
+    saved = int(sum(2 - e for e, s in zip(df["epochs"], df["status"]) if s == "pruned"))
+    assert f"ASHA saved {saved} epochs" in summary_md and saved >= 1
+
+
+def test_each_trial_has_confusion_matrix_per_class_table_and_learning_curves(swept, tmp_path, tiny_set):
+    import pandas as pd
+
+    from vidtune.data.manifest import read_manifest
+
+    classes = read_manifest(tiny_set).class_names
+    client = swept["client"]
+    for run in swept["trials"]:
+        files = {os.path.basename(a.path) for a in client.list_artifacts(run.info.run_id)}
+        assert {"confusion_matrix.png", "per_class_metrics.csv", "learning_curves.png", "checkpoint"} <= files, files
+        table = pd.read_csv(client.download_artifacts(run.info.run_id, "per_class_metrics.csv", str(tmp_path)))
+        assert list(table["class"]) == list(classes)
+        assert table["support"].sum() == 8  # the tiny set's val split: 2 videos x 4 classes
+        acc = {c: run.data.metrics.get(f"val_acc/{c}") for c in classes}
+        assert all(0.0 <= a <= 1.0 for a in table["accuracy"])
+        if run.data.tags["vidtune.trial_status"] == "completed" and all(v is not None for v in acc.values()):
+            best_epoch_acc = table.set_index("class")["accuracy"].to_dict()
+            hist = {c: {m.step: m.value for m in client.get_metric_history(run.info.run_id, f"val_acc/{c}")} for c in classes}
+            assert any(all(hist[c].get(step) == pytest.approx(best_epoch_acc[c]) for c in classes) for step in (1, 2))
+
+
+def test_report_command_rebuilds_the_sweep_artifacts_from_mlflow(swept, tmp_path):
+    import pandas as pd
+
+    out = tmp_path / "rep"
+    cmd = [sys.executable, "-m", "vidtune", "report", "--experiment", "insight", "--out", str(out), "--tracking-uri", swept["uri"]]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "report of 4 trials" in done.stdout
+    for name in ("optimization_history", "parallel_coordinate", "intermediate_values", "timeline"):
+        assert (out / "plots" / f"{name}.html").stat().st_size > 10_000 and (out / "plots" / f"{name}.png").exists()
+    parent = swept["client"].download_artifacts(swept["summary"]["parent_run_id"], "trials.parquet", str(tmp_path))
+    ours, theirs = pd.read_parquet(out / "trials.parquet"), pd.read_parquet(parent)
+    pd.testing.assert_frame_equal(ours.drop(columns=["end_time", "wall_s"]), theirs.drop(columns=["end_time", "wall_s"]))
+    assert (out / "summary.md").read_text().startswith(f"# Sweep `{swept['summary']['sweep']}`")
+
+    bad = subprocess.run([*cmd[:5], "no-such-experiment", *cmd[6:]], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == f"vidtune: error: no experiment named 'no-such-experiment' in {swept['uri']}"
+
+
+def test_a_failing_report_step_never_fails_the_sweep(swept, capsys):
+    from vidtune.report import log_trial_artifacts, publish_sweep_report
+
+    # A parent run that does not exist: one line, no exception, nothing uploaded.
+    assert publish_sweep_report(swept["client"], "insight", "0" * 32) is False
+    assert "sweep report not written" in capsys.readouterr().out
+    # A trial whose checkpoint folder is unreadable: one line, no exception.
+    run_id = swept["trials"][0].info.run_id
+    bad = swept["tmp"] / "bad_ckpt"
+    bad.mkdir()
+    (bad / "config.json").write_text("{not json")
+    assert log_trial_artifacts(swept["client"], run_id, str(bad)) == []
+    assert f"trial {run_id}: figures not written (JSONDecodeError" in capsys.readouterr().out
