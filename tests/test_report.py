@@ -168,3 +168,29 @@ def test_a_failing_report_step_never_fails_the_sweep(swept, capsys):
     (bad / "config.json").write_text("{not json")
     assert log_trial_artifacts(swept["client"], run_id, str(bad)) == []
     assert f"trial {run_id}: figures not written (JSONDecodeError" in capsys.readouterr().out
+
+
+def test_detection_trial_gets_a_per_class_ap_table(tmp_path):
+    """A detection checkpoint's details (real mAP over real segments) become per_class_ap.csv; a
+    class without ground truth is listed with an empty AP rather than dropped."""
+    import numpy as np
+    import pandas as pd
+
+    from vidtune.checkpoint import save_checkpoint
+    from vidtune.detection_metrics import detection_map
+    from vidtune.report import trial_figures
+
+    names = ["jump", "wave", "never"]
+    gt = np.array([[0, 1.0, 3.0, 0], [0, 5.0, 8.0, 1], [1, 2.0, 4.0, 0]])
+    pred = np.array([[0, 1.1, 3.0, 0, 0.9], [0, 5.0, 6.0, 1, 0.8], [1, 7.0, 9.0, 0, 0.7], [1, 2.0, 4.2, 0, 0.6]])
+    scalars, details = detection_map(gt, pred, names)
+    ckpt = save_checkpoint(str(tmp_path / "best"), {}, {"recipe": "detection"}, names, {"epoch": 3, "details": details})
+    history = {"val_map": {1: 0.2, 2: 0.4, 3: scalars["map"]}, "train_loss": {1: 2.0, 2: 1.5, 3: 1.2}}
+    written = trial_figures(ckpt, history, str(tmp_path / "out"))
+    assert written == ["per_class_ap.csv", "learning_curves.png"]
+    table = pd.read_csv(tmp_path / "out" / "per_class_ap.csv").set_index("class")
+    assert list(table.index) == names
+    assert table.loc["jump", "mean_ap"] == pytest.approx(details["per_class_ap"]["jump"]["mean_ap"])
+    assert table.loc["wave", "ap@0.3"] == pytest.approx(1.0) and table.loc["wave", "ap@0.7"] == pytest.approx(0.0)
+    assert np.isnan(table.loc["never", "mean_ap"]) and table.loc["never", "num_gt"] == 0
+    assert float(np.nanmean(table["mean_ap"])) == pytest.approx(scalars["map"])
