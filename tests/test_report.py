@@ -194,3 +194,28 @@ def test_detection_trial_gets_a_per_class_ap_table(tmp_path):
     assert table.loc["wave", "ap@0.3"] == pytest.approx(1.0) and table.loc["wave", "ap@0.7"] == pytest.approx(0.0)
     assert np.isnan(table.loc["never", "mean_ap"]) and table.loc["never", "num_gt"] == 0
     assert float(np.nanmean(table["mean_ap"])) == pytest.approx(scalars["map"])
+
+
+def test_report_is_refreshed_in_a_child_process_once_trials_finish(swept):
+    """Tune's hooks driven by hand on the finished sweep: no refresh until a trial has finished, then
+    one child process (`python -m vidtune.report`) that rewrites the parent run's report."""
+    import pickle
+
+    from vidtune.report_callback import ReportRefreshCallback
+
+    client, parent_id = swept["client"], swept["summary"]["parent_run_id"]
+    summary_path = os.path.join(client.get_run(parent_id).info.artifact_uri.removeprefix("file://"), "summary.md")
+    before = os.stat(summary_path).st_mtime_ns
+    cb = ReportRefreshCallback(swept["uri"], "insight", parent_id, every_s=0)
+    cb.on_step_end(iteration=0, trials=[])
+    assert cb._proc is None  # nothing finished since the callback started
+    cb.on_trial_complete(iteration=0, trials=[], trial=None)
+    cb.on_step_end(iteration=0, trials=[])
+    assert cb._proc is not None
+    assert pickle.loads(pickle.dumps(cb))._proc is None  # Tune can still snapshot its run config
+    cb.on_step_end(iteration=0, trials=[])  # still drawing: no second child
+    cb.on_experiment_end(trials=[])
+    assert cb.refreshes == 1 and cb._proc is None
+    assert os.stat(summary_path).st_mtime_ns > before
+    with open(summary_path) as f:
+        assert f.read().startswith(f"# Sweep `{swept['summary']['sweep']}`")

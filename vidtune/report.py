@@ -587,3 +587,16 @@ def log_trial_artifacts(client, run_id: str, checkpoint_dir: str | None) -> list
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m vidtune.report URI EXPERIMENT PARENT_RUN_ID``: refresh a running sweep's report
+    (started by ``ReportRefreshCallback`` in its own process, away from Tune's event loop)."""
+    import sys
+
+    uri, experiment, parent_id = (argv if argv is not None else sys.argv[1:])[:3]
+    return 0 if publish_sweep_report(_client(uri), experiment, parent_id) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

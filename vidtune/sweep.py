@@ -473,6 +473,9 @@ def run_sweep(opts: SweepOptions) -> dict:
             grace_period=min(space.tune.asha.grace_period, max_t),
             reduction_factor=space.tune.asha.reduction_factor,
         )
+        from vidtune.report_callback import ReportRefreshCallback
+
+        refresher = ReportRefreshCallback(tracking_uri, experiment, parent_id)  # parent run's plots, as trials finish
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
@@ -489,7 +492,7 @@ def run_sweep(opts: SweepOptions) -> dict:
             run_config=tune.RunConfig(
                 name=sweep_name,
                 storage_path=storage,
-                callbacks=[callback],
+                callbacks=[callback, refresher],
                 # A trial whose process dies (node lost, OOM-killed) restarts from its last
                 # checkpoint; an error of the trial itself is not retried (see trial_driver).
                 failure_config=tune.FailureConfig(max_failures=WORKER_FAILURES),
