@@ -219,3 +219,31 @@ def test_report_is_refreshed_in_a_child_process_once_trials_finish(swept):
     assert os.stat(summary_path).st_mtime_ns > before
     with open(summary_path) as f:
         assert f.read().startswith(f"# Sweep `{swept['summary']['sweep']}`")
+
+
+def test_a_later_sweep_warm_starts_from_the_persisted_study(swept, tiny_set):
+    """A second sweep of the same space on the same --optuna-storage: its new study starts with the
+    first sweep's finished trials (states, values, intermediate values kept), then runs its own."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from vidtune.optuna_search import WARM_FROM
+
+    tmp = swept["tmp"]
+    summary = run_sweep(SweepOptions(space=str(tmp / "tiny.yaml"), data=tiny_set, tracking_uri=swept["uri"], num_samples=1,
+                                     storage=str(tmp / "ray2"), experiment="insight-warm", skip_preflight=True,
+                                     optuna_storage=swept["optuna"]))
+    assert summary["trials"] == 1 and summary["sweep"] != swept["summary"]["sweep"]
+    first = optuna.load_study(study_name=swept["summary"]["sweep"], storage=swept["optuna"])
+    second = optuna.load_study(study_name=summary["sweep"], storage=swept["optuna"])
+    warm = [t for t in second.trials if t.user_attrs.get(WARM_FROM)]
+    # Its own: the one trial it ran (the starting point it had no budget for stays WAITING).
+    own = [t for t in second.trials if not t.user_attrs.get(WARM_FROM) and t.state != TrialState.WAITING]
+    assert {t.user_attrs[WARM_FROM] for t in warm} == {first.study_name}
+
+    def key(t):
+        return (t.state, t.value, sorted(t.params.items()), sorted(t.intermediate_values.items()))
+
+    assert sorted(map(key, warm)) == sorted(map(key, first.trials))
+    assert len(own) == 1 and own[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
+    assert own[0].params == {"train.lr": 0.005, "model.dropout": 0.2}  # the baseline still runs first

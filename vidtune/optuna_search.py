@@ -25,11 +25,33 @@ def _finite(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+WARM_FROM = "vidtune.warm_start_from"  # user attribute of a trial copied from an earlier sweep's study
+
+
 class HonestOptunaSearch(OptunaSearch):
-    def __init__(self, *args, time_attr: str = "epoch", finished_key: str = "vidtune_finished", **kwargs):
+    """``warm_start_prefix``: with a persistent ``storage``, the finished trials (COMPLETE and
+    PRUNED) of earlier studies whose names start with it are copied into this sweep's new study
+    before the first suggestion, so TPE starts from what earlier sweeps of the space learnt. Only
+    trials whose parameters all lie in the current space are taken; copies are not copied again."""
+
+    def __init__(self, *args, time_attr: str = "epoch", finished_key: str = "vidtune_finished",
+                 warm_start_prefix: str | None = None, **kwargs):
         self._time_attr, self._finished_key = time_attr, finished_key
         self._reported: dict[str, set[int]] = {}
+        self._warm_start_prefix = warm_start_prefix
+        self.warm_started = 0
         super().__init__(*args, **kwargs)
+
+    def _setup_study(self, mode):
+        super()._setup_study(mode)
+        if self._storage is not None and getattr(self, "_warm_start_prefix", None) and isinstance(self._space, dict):
+            try:
+                self.warm_started = warm_start(self._ot_study, self._storage, self._warm_start_prefix, self._space)
+            except Exception as e:  # an unreadable old study costs the warm start, not the sweep
+                logger.warning("optuna: no warm start from %s* (%s)", self._warm_start_prefix, e)
+            if self.warm_started:
+                print(f"optuna: warm start with {self.warm_started} finished trials of earlier "
+                      f"'{self._warm_start_prefix}*' studies")
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if isinstance(self.metric, list) or trial_id in self._completed_trials or trial_id not in self._ot_trials:
@@ -76,6 +98,40 @@ class HonestOptunaSearch(OptunaSearch):
         except Exception as e:  # Optuna refuses e.g. a second tell; the sweep must go on
             logger.warning("optuna: could not record trial %s as %s: %s", trial_id, state.name, e)
         self._completed_trials.add(trial_id)
+
+
+def warm_start(study: optuna.Study, storage, prefix: str, space: dict) -> int:
+    """Copy earlier studies' finished trials that fit ``space`` into ``study``; returns how many."""
+    from optuna.trial import create_trial
+
+    # A study that already ran trials (the same sweep again) keeps what it has; the starting points
+    # enqueued by Ray (WAITING) do not count.
+    if study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)):
+        return 0
+    copied = []
+    for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
+        name = summary.study_name
+        if name == study.study_name or not name.startswith(prefix) or summary.directions != study.directions:
+            continue
+        for t in optuna.load_study(study_name=name, storage=storage).get_trials(
+                deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+            if t.user_attrs.get(WARM_FROM) or set(t.params) != set(space) or not all(
+                    _fits(space[k], v) for k, v in t.params.items()):
+                continue
+            copied.append(create_trial(
+                state=t.state, value=t.value, params=t.params, distributions={k: space[k] for k in t.params},
+                intermediate_values=t.intermediate_values, user_attrs={**t.user_attrs, WARM_FROM: name},
+            ))
+    if copied:
+        study.add_trials(copied)
+    return len(copied)
+
+
+def _fits(dist, value) -> bool:
+    try:
+        return bool(dist._contains(dist.to_internal_repr(value)))
+    except Exception:
+        return False
 
 
 def load_study(storage: str, study_name: str) -> optuna.Study:

@@ -465,6 +465,7 @@ def run_sweep(opts: SweepOptions) -> dict:
             sampler=optuna.samplers.TPESampler(seed=space.tune.seed, n_startup_trials=startup),
             storage=optuna.storages.RDBStorage(opts.optuna_storage) if opts.optuna_storage else None,
             study_name=sweep_name,
+            warm_start_prefix=f"{space.name}-",  # earlier sweeps of this space in --optuna-storage
         )
         max_t = space.tune.asha.max_t or space.base.train.epochs
         scheduler = ASHAScheduler(
