@@ -3,7 +3,10 @@ the parent run's plots/parquet/summary, per-trial figures, and `vidtune report` 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import re
 import subprocess
 import sys
 
@@ -30,14 +33,18 @@ def swept(ray_cluster, tiny_set, tmp_path_factory):
     path = tmp / "tiny.yaml"
     path.write_text(yaml.safe_dump(space))
     uri, optuna_url = f"sqlite:///{tmp}/mlflow.db", f"sqlite:///{tmp}/optuna.db"
-    summary = run_sweep(SweepOptions(space=str(path), data=tiny_set, tracking_uri=uri, storage=str(tmp / "ray"),
-                                     experiment="insight", skip_preflight=True, optuna_storage=optuna_url))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):  # the progress lines are printed by this process
+        summary = run_sweep(SweepOptions(space=str(path), data=tiny_set, tracking_uri=uri, storage=str(tmp / "ray"),
+                                         experiment="insight", skip_preflight=True, optuna_storage=optuna_url))
+    print(out.getvalue())
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("insight")
     trials = client.search_runs([exp.experiment_id], "tags.`vidtune.role` = 'trial'", max_results=100)
-    return {"summary": summary, "uri": uri, "optuna": optuna_url, "tmp": tmp, "client": client, "trials": trials}
+    return {"summary": summary, "uri": uri, "optuna": optuna_url, "tmp": tmp, "client": client, "trials": trials,
+            "stdout": out.getvalue()}
 
 
 def test_asha_stopped_trials_are_pruned_in_the_optuna_study(swept):
@@ -247,3 +254,15 @@ def test_a_later_sweep_warm_starts_from_the_persisted_study(swept, tiny_set):
     assert sorted(map(key, warm)) == sorted(map(key, first.trials))
     assert len(own) == 1 and own[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
     assert own[0].params == {"train.lr": 0.005, "model.dropout": 0.2}  # the baseline still runs first
+
+
+def test_progress_lines_count_pruned_and_completed_trials(swept):
+    """One line per finished trial (trials run one at a time here), the last one matching the sweep."""
+    summary = swept["summary"]
+    lines = [ln for ln in swept["stdout"].splitlines() if ln.startswith("progress: ")]
+    finished = [ln for ln in lines if re.match(r"progress: \d+/4 trials finished", ln)]
+    assert [int(re.match(r"progress: (\d+)/", ln).group(1)) for ln in finished][-4:] == [1, 2, 3, 4]
+    assert finished[-1].startswith(f"progress: 4/4 trials finished ({summary['completed']} completed, "
+                                   f"{summary['pruned']} pruned, 0 failed), 0 running; best val_top1 ")
+    assert f"best val_top1 {summary['best_value']:.4f}" in finished[-1]
+    assert "ETA ~" in finished[0] and "ETA" not in finished[-1]

@@ -68,3 +68,62 @@ class ReportRefreshCallback(tune.Callback):
             self._proc.kill()
             self._proc.wait()
         self._proc = None
+
+
+class ProgressCallback(tune.Callback):
+    """A progress line when a trial ends and at most every ``VIDTUNE_PROGRESS_EVERY_S`` seconds
+    (default 30) otherwise: trials finished (completed / pruned by ASHA / failed) and running, the
+    best value so far and an ETA (mean trial time so far x waves of trials left). Tune's own table
+    lists trials but cannot tell a pruned trial from a completed one."""
+
+    def __init__(self, metric: str, mode: str, num_samples: int, concurrency: int, every_s: float | None = None):
+        self.metric, self.mode, self.num_samples, self.concurrency = metric, mode, num_samples, max(1, concurrency)
+        self.every_s = float(os.environ.get("VIDTUNE_PROGRESS_EVERY_S", "30")) if every_s is None else every_s
+        self.started: dict[str, float] = {}
+        self.ended: dict[str, str] = {}
+        self.durations: list[float] = []
+        self.last: dict[str, dict] = {}
+        self.best: tuple[float, str] | None = None
+        self._printed = time.time()
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.started.setdefault(trial.trial_id, time.time())
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.last[trial.trial_id] = result
+        value = result.get(f"best_{self.metric}", result.get(self.metric))
+        if isinstance(value, (int, float)) and value == value and (
+                self.best is None or (value > self.best[0] if self.mode == "max" else value < self.best[0])):
+            self.best = (float(value), trial.trial_id)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        last = self.last.get(trial.trial_id) or trial.last_result or {}
+        self._end(trial.trial_id, "completed" if last.get("vidtune_finished") else "pruned")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._end(trial.trial_id, "failed")
+
+    def on_step_end(self, iteration, trials, **info):
+        if self.every_s >= 0 and time.time() - self._printed >= self.every_s and self.started:
+            print(self.line())
+
+    def _end(self, trial_id: str, status: str) -> None:
+        if trial_id in self.ended:
+            return
+        self.ended[trial_id] = status
+        self.durations.append(time.time() - self.started.get(trial_id, time.time()))
+        print(self.line())
+
+    def line(self) -> str:
+        self._printed = time.time()
+        counts = {s: sum(v == s for v in self.ended.values()) for s in ("completed", "pruned", "failed")}
+        running = len(set(self.started) - set(self.ended))
+        text = (f"progress: {len(self.ended)}/{self.num_samples} trials finished ({counts['completed']} completed, "
+                f"{counts['pruned']} pruned, {counts['failed']} failed), {running} running")
+        if self.best is not None:
+            text += f"; best {self.metric} {self.best[0]:.4f} (trial {self.best[1]})"
+        left = self.num_samples - len(self.ended)
+        if left > 0 and self.durations:
+            eta = -(-left // self.concurrency) * sum(self.durations) / len(self.durations)
+            text += f"; ETA ~{eta / 60:.1f} min" if eta >= 90 else f"; ETA ~{eta:.0f} s"
+        return text

@@ -202,6 +202,8 @@ class MlflowTrialCallback(_tune_callback_base()):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self.last[trial.trial_id] = result
+        if result.get("vidtune_replayed"):
+            return  # a finished trial's last epoch, repeated after a restart: already logged
         epoch = int(result.get("epoch", result.get("training_iteration", 0)))
         tags = {}
         if trial.trial_id not in self.tagged and result.get("vidtune_nodes"):
@@ -474,9 +476,10 @@ def run_sweep(opts: SweepOptions) -> dict:
             grace_period=min(space.tune.asha.grace_period, max_t),
             reduction_factor=space.tune.asha.reduction_factor,
         )
-        from vidtune.report_callback import ReportRefreshCallback
+        from vidtune.report_callback import ProgressCallback, ReportRefreshCallback
 
         refresher = ReportRefreshCallback(tracking_uri, experiment, parent_id)  # parent run's plots, as trials finish
+        progress = ProgressCallback(space.tune.metric, space.tune.mode, space.tune.num_samples, concurrency)
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
@@ -493,7 +496,7 @@ def run_sweep(opts: SweepOptions) -> dict:
             run_config=tune.RunConfig(
                 name=sweep_name,
                 storage_path=storage,
-                callbacks=[callback, refresher],
+                callbacks=[callback, refresher, progress],
                 # A trial whose process dies (node lost, OOM-killed) restarts from its last
                 # checkpoint; an error of the trial itself is not retried (see trial_driver).
                 failure_config=tune.FailureConfig(max_failures=WORKER_FAILURES),
