@@ -84,7 +84,7 @@ def get_or_create_experiment(uri: str, name: str) -> str:
 
 def numeric_metrics(result: dict) -> dict[str, float]:
     """The metrics worth logging from a Tune result: ours, numeric and finite."""
-    skip = {"epoch", "vidtune_finished", "training_iteration", "timestamp", "time_this_iter_s", "time_total_s",
+    skip = {"epoch", "vidtune_finished", "vidtune_replayed", "training_iteration", "timestamp", "time_this_iter_s", "time_total_s",
             "time_since_restore", "iterations_since_restore", "pid", "done"}
     out = {}
     for k, v in result.items():

@@ -221,6 +221,13 @@ def fit(
                 ema.load_state_dict(state["ema"])
             start_epoch, best, best_epoch, stale = state["epoch"] + 1, state["best"], state["best_epoch"], state["stale"]
         log(f"resumed from {resume_dir} at epoch {start_epoch}")
+        last_metrics = dict((ckpt.get("info") or {}).get("metrics") or {})
+        if last_metrics.get("vidtune_finished") and report is not None:
+            # The trial had finished when its sweep died, before the sweep recorded it: say so
+            # again (flagged, so its epochs are not logged twice) instead of returning silently.
+            report({**last_metrics, "vidtune_replayed": 1}, resume_dir)
+            return {"best": best, "best_epoch": best_epoch, "epochs": state.get("epoch", 0), "stop_reason": "replayed",
+                    "best_dir": os.path.join(work_dir, "best"), "metrics": last_metrics}
 
     best_dir, last_dir = os.path.join(work_dir, "best"), os.path.join(work_dir, "last")
     resolved = cfg.to_dict()
