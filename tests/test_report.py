@@ -266,3 +266,73 @@ def test_progress_lines_count_pruned_and_completed_trials(swept):
                                    f"{summary['pruned']} pruned, 0 failed), 0 running; best val_top1 ")
     assert f"best val_top1 {summary['best_value']:.4f}" in finished[-1]
     assert "ETA ~" in finished[0] and "ETA" not in finished[-1]
+
+
+def _chromium() -> str | None:
+    import shutil
+
+    return os.environ.get("VIDTUNE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_chromium() is None, reason="needs Debian's chromium (installed by .ci/run)")
+def test_mlflow_ui_in_a_real_browser_lists_every_trial_and_the_sweep_plots(swept):
+    """`mlflow ui` over the finished sweep's store, opened in headless Chromium through Playwright:
+    the experiment's runs table lists every trial under the sweep's parent run, and the parent's
+    artifact view shows plots/, trials.parquet and summary.md. Screenshots go to
+    $VIDTUNE_TEST_ARTIFACTS (default test-artifacts/ in the repository)."""
+    import socket
+    import time
+    import urllib.request
+
+    playwright = pytest.importorskip("playwright.sync_api")
+    shots = os.environ.get("VIDTUNE_TEST_ARTIFACTS") or os.path.join(os.path.dirname(os.path.dirname(__file__)), "test-artifacts")
+    os.makedirs(shots, exist_ok=True)
+    client, summary = swept["client"], swept["summary"]
+    exp = client.get_experiment_by_name("insight")
+    trials = [r.info.run_name for r in swept["trials"]]
+    parent = client.get_run(summary["parent_run_id"])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(swept["tmp"] / "mlflow-ui.log", "w")
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", swept["uri"], "--host", "127.0.0.1",
+                               "--port", str(port), "--workers", "1"], stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):  # start-up takes 10-40 s on a busy 2-core machine
+            if server.poll() is not None:
+                pytest.fail(f"mlflow ui exited with {server.returncode}; see {log.name}")
+            try:
+                urllib.request.urlopen(f"{base}/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=_chromium(), args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1600, "height": 1000})
+            page.set_default_timeout(120_000)
+            page.goto(f"{base}/#/experiments/{exp.experiment_id}/runs", wait_until="domcontentloaded")
+            row = page.locator("[role=row]", has_text=parent.info.run_name).first
+            row.wait_for()
+            # Trial runs are nested under the sweep's parent run: expand it.
+            row.locator("button[data-component-id*='runnamecellrenderer']").first.click()
+            for name in trials:
+                page.get_by_text(name, exact=True).first.wait_for()
+            page.screenshot(path=os.path.join(shots, "mlflow_ui_experiment.png"), full_page=True)
+            assert page.get_by_text(f"{len(trials) + 1} matching runs").count() == 1
+
+            page.goto(f"{base}/#/experiments/{exp.experiment_id}/runs/{parent.info.run_id}/artifacts", wait_until="domcontentloaded")
+            for name in ("plots", "trials.parquet", "summary.md"):
+                page.get_by_text(name, exact=True).first.wait_for()
+            page.get_by_text("plots", exact=True).first.click()  # open the folder
+            for name in ("timeline.png", "intermediate_values.html", "optimization_history.png"):
+                page.get_by_text(name, exact=True).first.wait_for()
+            page.get_by_text("timeline.png", exact=True).first.click()  # its preview renders in the page
+            page.wait_for_timeout(2000)
+            page.screenshot(path=os.path.join(shots, "mlflow_ui_sweep_plots.png"), full_page=True)
+            browser.close()
+    finally:
+        server.terminate()
+        server.wait(30)
+        log.close()
