@@ -424,7 +424,7 @@ def summary_markdown(rec: SweepRecord, skipped: dict[str, str] | None = None) ->
         saved = sum(rec.max_epochs - t.epochs for t in rec.trials if t.status == "pruned")
         epoch_times = [t.epoch_time_s for t in rec.trials if t.epoch_time_s]
         lines += ["## Compute", "",
-                  f"Epochs run: {run_epochs} of {full} had every trial run its full budget of {rec.max_epochs}; "
+                  f"Epochs run: {run_epochs}, against {full} for every trial's full budget of {rec.max_epochs}; "
                   f"ASHA saved {saved} epochs ({100 * saved / full:.0f}%)"
                   + (f", about {saved * sorted(epoch_times)[len(epoch_times) // 2]:.1f} s at the median epoch time"
                      if epoch_times else "") + "."]

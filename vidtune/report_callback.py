@@ -9,6 +9,7 @@ final report is written by ``run_sweep`` after the last trial, once this child h
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -92,7 +93,7 @@ class ProgressCallback(tune.Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self.last[trial.trial_id] = result
         value = result.get(f"best_{self.metric}", result.get(self.metric))
-        if isinstance(value, (int, float)) and value == value and (
+        if isinstance(value, (int, float)) and math.isfinite(value) and (
                 self.best is None or (value > self.best[0] if self.mode == "max" else value < self.best[0])):
             self.best = (float(value), trial.trial_id)
 
