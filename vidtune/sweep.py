@@ -108,15 +108,16 @@ def _run_trial(config: dict, ctx: dict, work_dir: str) -> None:
         device = torch.device("cuda") if res["gpus_per_worker"] > 0 and torch.cuda.is_available() else torch.device("cpu")
         node = ray.get_runtime_context().get_node_id()
 
-        def report(metrics: dict, checkpoint_dir: str) -> None:
-            tune.report({**metrics, "vidtune_nodes": node}, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
+        def report(metrics: dict, _checkpoint_dir: str) -> None:
+            # No Tune checkpoint: the trial's own `last/` (written before every report, on the
+            # shared storage) is what a restarted or restored trial resumes from. Tune's copy would
+            # cost a copy per epoch, and a restore can name one that `num_to_keep` already deleted.
+            tune.report({**metrics, "vidtune_nodes": node})
 
         from vidtune.checkpoint import freshest_resume_dir
 
-        checkpoint = tune.get_checkpoint()
-        with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as resume_dir:
-            resume_dir = freshest_resume_dir(resume_dir, work_dir)
-            fit(cfg, read_manifest(ctx["manifest"]), work_dir, report, resume_dir, device, num_cpus=cpus)
+        resume_dir = freshest_resume_dir(None, work_dir)
+        fit(cfg, read_manifest(ctx["manifest"]), work_dir, report, resume_dir, device, num_cpus=cpus)
         return
 
     import ray.train
@@ -550,24 +551,32 @@ def run_sweep(opts: SweepOptions) -> dict:
 
 
 def _close_open_trial_runs(tracker: SweepTracker, parent_id: str, results, trials_dir: str) -> int:
-    """End trial runs still RUNNING once Tune is done (e.g. the sweep process was killed between a
-    trial's end and its MLflow record), with the status Tune's own record gives."""
-    final = {}
-    for r in results:
-        trial_id = (r.metrics or {}).get("trial_id")
-        if trial_id:
-            final[trial_id] = r
+    """End trial runs still RUNNING once Tune is done (the sweep process was killed between a
+    trial's end and its MLflow record), with the status Tune's own record gives.
+
+    A trial that started just before the sweep process died, after Tune's last snapshot of the
+    experiment, is unknown to the restored sweep (which samples a new trial in its place): its run
+    is tagged ``vidtune.orphaned`` and moved to MLflow's deleted runs (restorable), so the
+    experiment holds exactly one run per trial of the sweep."""
+    trials = {t.trial_id: t for t in getattr(getattr(results, "_experiment_analysis", None), "trials", None) or []}
     open_runs = tracker.client.search_runs(
         [tracker.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}' and attributes.status = 'RUNNING'", max_results=5000
     )
     for run in open_runs:
         trial_id = run.data.tags.get("vidtune.trial_id", "")
-        r = final.get(trial_id)
-        if r is not None and r.error is not None:
-            status, reason = "failed", str(r.error).strip().splitlines()[-1][:1000]
+        trial = trials.get(trial_id)
+        if trial is None and trials:
+            tracker.client.set_tag(run.info.run_id, "vidtune.orphaned", "true")
+            tracker.end_trial(run.info.run_id, "failed", "orphaned: the sweep process died before Ray Tune recorded this "
+                              "trial; the resumed sweep ran a new trial in its place")
+            tracker.client.delete_run(run.info.run_id)
+            print(f"trial run {run.info.run_id} ({trial_id}) orphaned by the interrupted sweep: moved to deleted runs")
+            continue
+        last = (trial.last_result if trial is not None else None) or {}
+        if trial is not None and trial.status == "ERROR":
+            status, reason = "failed", failure_reason(trial)
         else:
-            status = "completed" if r is not None and (r.metrics or {}).get("vidtune_finished") else "pruned"
-            reason = None
+            status, reason = ("completed" if last.get("vidtune_finished") else "pruned"), None
         tracker.end_trial(run.info.run_id, status, reason, os.path.join(trials_dir, trial_id, "best"))
     return len(open_runs)
 

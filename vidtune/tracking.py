@@ -104,6 +104,7 @@ class SweepTracker:
         self.experiment_id = get_or_create_experiment(uri, experiment)
         self.parent_id: str | None = None
         self.trial_runs: dict[str, str] = {}
+        self.closed: set[str] = set()  # trial runs that had ended before a resume
 
     # -- the sweep
     def start_sweep(self, sweep_name: str, metric: str, mode: str, params: dict, resume: bool = False) -> str:
@@ -167,7 +168,11 @@ class SweepTracker:
         )
         if found:
             run_id = found[0].info.run_id
-            self.client.update_run(run_id, status="RUNNING")
+            if found[0].info.status != "RUNNING" and found[0].data.tags.get(STATUS) in ("completed", "pruned", "failed"):
+                # Ended before the sweep was interrupted; a restored trial only repeats its end.
+                self.closed.add(run_id)
+            else:
+                self.client.update_run(run_id, status="RUNNING")
         else:
             run = self.client.create_run(
                 self.experiment_id,
@@ -185,8 +190,35 @@ class SweepTracker:
         now = int(time.time() * 1000)
         self.client.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()])
 
+    def backfill(self, run_id: str, history_path: str) -> int:
+        """Log the epochs of the trial's own history that the run lacks (records lost when a sweep
+        process died between a trial's report and its MLflow write); returns how many."""
+        import json
+
+        from mlflow.entities import Metric
+
+        if not os.path.exists(history_path):
+            return 0
+        with open(history_path) as f:
+            rows = {}
+            for line in f:
+                if line.strip():
+                    row = json.loads(line)
+                    rows[int(row.get("epoch", 0))] = row  # a replayed epoch: the latest line wins
+        logged = {m.step for m in self.client.get_metric_history(run_id, "train_loss")}
+        missing = [e for e in sorted(rows) if e and e not in logged]
+        for epoch in missing:
+            row = rows[epoch]
+            metrics = numeric_metrics({k: v for k, v in row.items() if k != "t"})
+            self.client.log_batch(run_id, metrics=[Metric(k, v, int(row["t"]), epoch) for k, v in metrics.items()])
+        return len(missing)
+
     def end_trial(self, run_id: str, status: str, reason: str | None = None, checkpoint_dir: str | None = None) -> None:
         """Tag the trial's end state, upload its best checkpoint, close its run."""
+        if run_id in self.closed:
+            return
+        if checkpoint_dir:
+            self.backfill(run_id, os.path.join(os.path.dirname(checkpoint_dir), "history.jsonl"))
         if checkpoint_dir and os.path.isdir(checkpoint_dir):
             self.client.log_artifacts(run_id, checkpoint_dir, artifact_path="checkpoint")
         from vidtune.report import log_trial_artifacts

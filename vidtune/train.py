@@ -10,6 +10,7 @@ predictions are gathered from every rank, the best-epoch checkpoint, early stopp
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import time
@@ -35,6 +36,7 @@ class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite; the trial cannot recover."""
 
 
+HISTORY = "history.jsonl"  # in a trial's work dir: one line of metrics per epoch
 FAILED_MARK = "failed.txt"  # in a trial's work dir: the trial's own error, not worth a retry
 
 
@@ -344,6 +346,11 @@ def fit(
                 **({"ema": ema.state_dict()} if ema is not None else {}),
             }
             save_checkpoint(last_dir, core.state_dict(), resolved, class_names, info, train_state)
+            # Every epoch's metrics, kept with the trial: a sweep interrupted between this epoch and
+            # its MLflow record backfills the record from here (the trial itself resumes past it).
+            with open(os.path.join(work_dir, HISTORY), "a") as f:
+                f.write(json.dumps({"t": int(time.time() * 1000), **{k: v for k, v in metrics.items()
+                                                                     if isinstance(v, (int, float))}}) + "\n")
             log(
                 f"epoch {epoch}/{cfg.train.epochs} train_loss {train_loss:.4f} val_loss {metrics['val_loss']:.4f} "
                 f"{cfg.metric} {value:.4f} (best {best:.4f} @ {best_epoch}) {metrics['epoch_time_s']:.1f}s"
