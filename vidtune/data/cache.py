@@ -311,9 +311,13 @@ def _write_shards(folder: str, kind: str, keys: list[str], job, workers: int | N
             yield i, future.result()
 
     # decord and PyAV release the GIL while decoding: threads scale without copying frames around.
+    last_note = time.perf_counter()
     with ThreadPoolExecutor(workers) as pool:
         try:
             for i, result in in_order(pool):
+                if time.perf_counter() - last_note > 5.0:  # progress on large sets, a line every 5 s
+                    last_note = time.perf_counter()
+                    log(f"clip cache: {kind} {i}/{len(keys)} videos decoded")
                 if isinstance(result, VideoError):
                     bad[keys[i].split("|", 1)[0]] = str(result)
                     if len(bad) >= MAX_BAD_VIDEOS:
