@@ -224,7 +224,9 @@ def fit(
             start_epoch, best, best_epoch, stale = state["epoch"] + 1, state["best"], state["best_epoch"], state["stale"]
         log(f"resumed from {resume_dir} at epoch {start_epoch}")
         last_metrics = dict((ckpt.get("info") or {}).get("metrics") or {})
-        if last_metrics.get("vidtune_finished") and report is not None:
+        patience = cfg.train.early_stop_patience
+        done = start_epoch > cfg.train.epochs or bool(patience and stale >= patience)  # under this config
+        if done and last_metrics.get("vidtune_finished") and report is not None:
             # The trial had finished when its sweep died, before the sweep recorded it: say so
             # again (flagged, so its epochs are not logged twice) instead of returning silently.
             report({**last_metrics, "vidtune_replayed": 1}, resume_dir)
