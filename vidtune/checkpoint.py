@@ -84,22 +84,8 @@ def load_checkpoint(directory: str, with_train_state: bool = False) -> dict:
     return out
 
 
-def checkpoint_epoch(directory: str | None) -> int:
-    """The epoch a checkpoint folder holds (0 when there is none or it is unreadable)."""
-    if not directory:
-        return 0
-    try:
-        with open(os.path.join(directory, "config.json")) as f:
-            return int(json.load(f).get("epoch", 0))
-    except (OSError, ValueError, TypeError):
-        return 0
-
-
-def freshest_resume_dir(resume_dir: str | None, work_dir: str) -> str | None:
-    """Where a restarted trial resumes: Ray's checkpoint, or the trial's own ``last/`` when that is
-    newer. Ray records a trial's checkpoint in its experiment state only from time to time; a sweep
-    driver killed in between would replay epochs MLflow already holds."""
+def resumable_dir(work_dir: str) -> str | None:
+    """A trial's own ``last/`` when it holds training state to resume from, else None. Written
+    before every report on the shared storage, it is never older than what Ray or MLflow saw."""
     last = os.path.join(work_dir, "last")
-    if os.path.exists(os.path.join(last, "state.pt")) and checkpoint_epoch(last) > checkpoint_epoch(resume_dir):
-        return last
-    return resume_dir
+    return last if os.path.exists(os.path.join(last, "state.pt")) else None

@@ -20,7 +20,14 @@ from dataclasses import dataclass
 from vidtune.config import TrialConfig
 from vidtune.data.manifest import DataError, Manifest, load_data, read_manifest
 from vidtune.space import SweepSpace, default_space_path, load_space
-from vidtune.tracking import Outbox, SweepTracker, TrackingError, check_tracking, numeric_metrics, resolve_tracking_uri
+from vidtune.tracking import (
+    Outbox,
+    SweepTracker,
+    TrackingError,
+    check_tracking,
+    numeric_metrics,
+    resolve_tracking_uri,
+)
 
 
 @dataclass
@@ -114,10 +121,9 @@ def _run_trial(config: dict, ctx: dict, work_dir: str) -> None:
             # cost a copy per epoch, and a restore can name one that `num_to_keep` already deleted.
             tune.report({**metrics, "vidtune_nodes": node})
 
-        from vidtune.checkpoint import freshest_resume_dir
+        from vidtune.checkpoint import resumable_dir
 
-        resume_dir = freshest_resume_dir(None, work_dir)
-        fit(cfg, read_manifest(ctx["manifest"]), work_dir, report, resume_dir, device, num_cpus=cpus)
+        fit(cfg, read_manifest(ctx["manifest"]), work_dir, report, resumable_dir(work_dir), device, num_cpus=cpus)
         return
 
     import ray.train
