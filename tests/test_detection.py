@@ -12,7 +12,6 @@ import os
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from vidtune.config import ConfigError, TrialConfig
 from vidtune.data.manifest import DataError, build_manifest, index_source, read_manifest
@@ -412,30 +411,11 @@ SHRINK = {"model": {"backbone": "test_vit"}, "options": {"embed_dim": 32, "pyram
 
 
 def smoke(tmp_path, shrink: bool):
-    from mlflow.tracking import MlflowClient
+    from test_recipe_sweeps import smoke as recipe_smoke  # the seed recipes' smoke sweep, shared
 
-    from vidtune.space import default_space_path
-    from vidtune.sweep import SweepOptions, run_sweep
-
-    with open(default_space_path("adatad_detection")) as f:
-        raw = yaml.safe_load(f)
-    if shrink:
-        for section, values in SHRINK.items():
-            raw["fixed"].setdefault(section, {}).update(values)
-    raw["fixed"]["data"]["num_workers"] = 0
-    raw["resources"]["cpus_per_worker"] = 1
-    path = tmp_path / "adatad_detection.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    summary = run_sweep(SweepOptions(space=str(path), smoke_test=True, tracking_uri=uri, storage=str(tmp_path / "ray"),
-                                     data_root=str(tmp_path / "data")))
-    assert summary["trials"] == 2 and summary["failed"] == 0, summary
-    c = MlflowClient(uri)
-    runs = c.search_runs([c.get_experiment_by_name("adatad_detection").experiment_id], "tags.`vidtune.role` = 'trial'")
-    assert len(runs) == 2
+    c, runs = recipe_smoke("adatad_detection", tmp_path, shrink, SHRINK,
+                           [*MAP_KEYS, "train_loss", "val_loss", "train_loss_cls", "train_loss_reg"])
     for run in runs:
-        missing = [k for k in [*MAP_KEYS, "train_loss", "val_loss", "train_loss_cls", "train_loss_reg"] if k not in run.data.metrics]
-        assert not missing, f"run lacks {missing}"
         assert [h.step for h in c.get_metric_history(run.info.run_id, "val_map_0.5")] == [1, 2]
         assert all(0.0 <= run.data.metrics[k] <= 1.0 for k in MAP_KEYS)
 

@@ -32,11 +32,14 @@ SHRINK = {
 }
 
 
-def smoke(recipe: str, tmp_path, shrink: bool):
+def smoke(recipe: str, tmp_path, shrink: bool, shrink_values: dict | None = None, contract: list | None = None):
+    """The recipe's shipped space (shrunk with ``shrink_values``, default ``SHRINK[recipe]``) as a
+    --smoke-test sweep; asserts 2 trials, each logging ``contract`` every epoch. Returns
+    ``(client, trial_runs)`` for recipe-specific checks."""
     with open(default_space_path(recipe)) as f:
         raw = yaml.safe_load(f)
     if shrink:
-        for section, values in SHRINK[recipe].items():
+        for section, values in (shrink_values or SHRINK[recipe]).items():
             raw["fixed"].setdefault(section, {}).update(values)
     raw["fixed"]["data"]["num_workers"] = 0
     raw["resources"]["cpus_per_worker"] = 1  # two trials at once on the 2-CPU test cluster
@@ -53,10 +56,10 @@ def smoke(recipe: str, tmp_path, shrink: bool):
     runs = c.search_runs([c.get_experiment_by_name(recipe).experiment_id], "tags.`vidtune.role` = 'trial'")
     assert len(runs) == 2
     for run in runs:
-        missing = [m for m in CONTRACT[recipe] if m not in run.data.metrics]
+        missing = [m for m in (contract or CONTRACT[recipe]) if m not in run.data.metrics]
         assert not missing, f"{recipe} run lacks {missing}"
         assert [m.step for m in c.get_metric_history(run.info.run_id, "train_loss")] == [1, 2]
-    return summary
+    return c, runs
 
 
 @pytest.mark.parametrize("recipe", sorted(CONTRACT))
