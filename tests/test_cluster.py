@@ -2,7 +2,8 @@
 (`ray start`, token authentication on), a real `mlflow server` over HTTP backed by a real
 PostgreSQL server (SQLite where PostgreSQL is not installed), sweeps submitted through
 `launch/sweep.py --address ...`; then the faults: a DDP worker killed mid-trial, the sweep driver
-killed and resumed, the tracking server down for a while, and storage one node cannot see."""
+killed and resumed, the tracking server down for a while, and storage one node cannot see; and
+`--storage s3://...` on a real S3 API server (moto's), each node with its own local disk."""
 
 from __future__ import annotations
 
@@ -126,21 +127,66 @@ def mlflow_server(backend_store, tmp_path_factory):
 # ----------------------------------------------------------------------------------------------
 # A three-node Ray cluster on this machine
 # ----------------------------------------------------------------------------------------------
+class S3Server:
+    """moto's S3 API server (a real HTTP endpoint speaking the S3 protocol) on 127.0.0.1."""
+
+    def __init__(self, log: str):
+        self.port = free_port()
+        self.env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{self.port}", "AWS_ACCESS_KEY_ID": "vidtune",
+                    "AWS_SECRET_ACCESS_KEY": "vidtune", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                                     stdout=open(log, "a"), stderr=subprocess.STDOUT, start_new_session=True)
+
+        def up():
+            assert self.proc.poll() is None, f"moto server exited; see {log}"
+            with socket.socket() as sock:
+                return sock.connect_ex(("127.0.0.1", self.port)) == 0
+
+        wait_for(up, 60, "the S3 server")
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.env["AWS_ENDPOINT_URL"], aws_access_key_id="vidtune",
+                            aws_secret_access_key="vidtune", region_name="us-east-1")
+
+    def keys(self, bucket: str) -> list[str]:
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket)
+        return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def s3_server(tmp_path_factory):
+    pytest.importorskip("moto.server")
+    server = S3Server(str(tmp_path_factory.mktemp("s3") / "moto.log"))
+    yield server
+    server.stop()
+
+
 class RayNodes:
-    def __init__(self, tmp):
+    def __init__(self, tmp, extra_env: dict | None = None):
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
-                    "RAY_USAGE_STATS_ENABLED": "0"}
+                    "RAY_USAGE_STATS_ENABLED": "0", **(extra_env or {})}
         self.env.pop("RAY_ADDRESS", None)
         self.tmp = tmp
         import tempfile
 
         self.temp_dir = tempfile.mkdtemp(prefix="vt-ray-", dir="/tmp")  # short: Ray's socket paths live here
 
-    def ray(self, *args, prefix=(), **kw):
-        return subprocess.run([*prefix, os.path.join(os.path.dirname(sys.executable), "ray"), *args], env=self.env,
-                              capture_output=True, text=True, timeout=180, **kw)
+    def ray(self, *args, prefix=(), env=None, **kw):
+        return subprocess.run([*prefix, os.path.join(os.path.dirname(sys.executable), "ray"), *args],
+                              env={**self.env, **(env or {})}, capture_output=True, text=True, timeout=180, **kw)
+
+    def scratch(self, name: str) -> str:
+        """A node's own local disk for a cloud --storage's mirror (workers inherit the raylet's env)."""
+        return os.path.join(self.temp_dir, f"scratch-{name}")
 
     def start(self) -> None:
         # A temp dir of its own: `ray start` records its cluster as the machine's current one there,
@@ -148,10 +194,11 @@ class RayNodes:
         head = self.ray("start", "--head", "--temp-dir", self.temp_dir, "--node-ip-address", "127.0.0.1",
                         "--port", str(self.port), "--num-cpus", "1",
                         "--resources", '{"vidtune_driver": 10}', "--dashboard-port", str(free_port()),
-                        "--min-worker-port", "0", "--max-worker-port", "0")
+                        "--min-worker-port", "0", "--max-worker-port", "0", env={"VIDTUNE_SCRATCH": self.scratch("head")})
         assert head.returncode == 0, head.stderr[-2000:]
-        for _ in range(2):
-            worker = self.ray("start", "--address", self.address, "--node-ip-address", "127.0.0.1", "--num-cpus", "1")
+        for i in range(2):
+            worker = self.ray("start", "--address", self.address, "--node-ip-address", "127.0.0.1", "--num-cpus", "1",
+                              env={"VIDTUNE_SCRATCH": self.scratch(f"worker{i}")})
             assert worker.returncode == 0, worker.stderr[-2000:]
         wait_for(lambda: len(self.alive_nodes()) == 3, 60, "3 Ray nodes")
 
@@ -194,8 +241,8 @@ class RayNodes:
 
 
 @pytest.fixture(scope="module")
-def ray_nodes(tmp_path_factory):
-    nodes = RayNodes(tmp_path_factory.mktemp("raynodes"))
+def ray_nodes(tmp_path_factory, s3_server):
+    nodes = RayNodes(tmp_path_factory.mktemp("raynodes"), s3_server.env)
     try:
         nodes.start()
         yield nodes
@@ -228,11 +275,12 @@ def write_space(folder, name: str, workers: int = 1, num_samples: int = 3, epoch
     return path
 
 
-def launch(nodes: RayNodes, space: str, data: str, uri: str, storage: str, experiment: str, *extra, log: str):
+def launch(nodes: RayNodes, space: str, data: str, uri: str, storage: str, experiment: str, *extra, log: str,
+           env: dict | None = None):
     cmd = [sys.executable, os.path.join(ROOT, "launch", "sweep.py"), "--space", space, "--data", data, "--address",
            nodes.address, "--tracking-uri", uri, "--storage", storage, "--experiment", experiment, "--skip-preflight",
            *extra]
-    return subprocess.Popen(cmd, cwd=os.path.dirname(storage), env=nodes.env, stdout=open(log, "a"),
+    return subprocess.Popen(cmd, cwd=os.path.dirname(log), env={**nodes.env, **(env or {})}, stdout=open(log, "a"),
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -356,6 +404,51 @@ def test_sweep_spans_nodes_logs_over_http_and_outlives_a_tracking_outage(ray_nod
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         server.stop()
+
+
+def test_cloud_storage_uri_sweep_resumes_from_another_machine(ray_nodes, s3_server, mlflow_server, tiny_set, tmp_path):
+    """`--storage s3://...`: every node works on its own local disk; checkpoints, histories, the
+    manifest and Tune's state travel through S3. The driver is killed mid-sweep, every node's local
+    files are wiped, and the sweep is resumed by a driver with an empty disk of its own."""
+    s3_server.client().create_bucket(Bucket="vidtune-cloud")
+    storage = "s3://vidtune-cloud/sweeps"
+    log = str(tmp_path / "sweep.log")
+    space = write_space(tmp_path, "cloud", num_samples=4, epochs=4, concurrent=2)
+    proc = launch(ray_nodes, space, tiny_set, mlflow_server.url, storage, "cloud", log=log,
+                  env={"VIDTUNE_SCRATCH": str(tmp_path / "driver-a")})
+
+    def one_done_one_running():
+        client, _, trials = trial_runs(mlflow_server.url, "cloud")
+        done = [t for t in trials if t.info.status == "FINISHED"]
+        running = [t for t in trials if t.info.status == "RUNNING" and epochs_logged(client, t.info.run_id)]
+        return done and running
+
+    wait_for(one_done_one_running, 300, "a finished trial and a trial mid-way")
+    _, _, before = trial_runs(mlflow_server.url, "cloud")
+    finished_before = {t.info.run_id: t.info.end_time for t in before if t.info.status == "FINISHED"}
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(2)  # the job's trial actors die with their driver
+    for folder in [tmp_path / "driver-a", *glob.glob(ray_nodes.scratch("*"))]:
+        shutil.rmtree(folder, ignore_errors=True)  # nothing local survives: all must come from S3
+
+    proc = launch(ray_nodes, space, tiny_set, mlflow_server.url, storage, "cloud", "--resume", log=log,
+                  env={"VIDTUNE_SCRATCH": str(tmp_path / "driver-b")})
+    text = finish(proc, log)
+    assert "reachable from all 3 nodes" in text
+    client, parents, trials = trial_runs(mlflow_server.url, "cloud")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(trials) == 4, [t.info.run_name for t in trials]
+    assert_every_run_whole(client, trials, epochs=4)  # each epoch once, best checkpoints in MLflow
+    after = {t.info.run_id: t.info.end_time for t in trials}
+    for run_id, end in finished_before.items():
+        assert after[run_id] == end
+    keys = s3_server.keys("vidtune-cloud")
+    for t in trials:
+        trial_id = t.data.tags["vidtune.trial_id"]
+        assert any(k.endswith(f"/trials/{trial_id}/best/model.pt") for k in keys), trial_id
+        assert any(k.endswith(f"/trials/{trial_id}/history.jsonl") for k in keys), trial_id
+    assert not os.path.exists(tmp_path / "ray_results")  # nothing went to a local default folder
 
 
 def _can_unshare() -> bool:

@@ -11,7 +11,6 @@ writer: per-epoch metrics, end states and best checkpoints of every trial, where
 from __future__ import annotations
 
 import contextlib
-import glob
 import math
 import os
 import time
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 from vidtune.config import TrialConfig
 from vidtune.data.manifest import DataError, Manifest, load_data, read_manifest
 from vidtune.space import SweepSpace, default_space_path, load_space
+from vidtune.storage import StorageError, SweepStorage
 from vidtune.tracking import (
     Outbox,
     SweepTracker,
@@ -85,14 +85,17 @@ def trial_driver(config: dict, ctx: dict) -> None:
     once on a restart instead of training again."""
     from ray import tune
 
-    from vidtune.train import TrialFailed, remember_failure
+    from vidtune.train import FAILED_MARK, TrialFailed, remember_failure
 
-    work_dir = os.path.join(ctx["trials_dir"], tune.get_context().get_trial_id())
+    store: SweepStorage = ctx["store"]
+    work_dir = store.path(ctx["trials_rel"], tune.get_context().get_trial_id())
+    store.pull_trial(work_dir)  # a cloud --storage: what this trial left on another node, or before a restart
     TrialFailed.raise_if_marked(work_dir)
     try:
-        with remember_failure(work_dir):
+        with remember_failure(work_dir, store):
             _run_trial(config, ctx, work_dir)
     except Exception:
+        store.pull(os.path.join(work_dir, FAILED_MARK), overwrite=True)  # written by a Train worker elsewhere
         TrialFailed.raise_if_marked(work_dir)  # a worker's own error, without Train's wrapping
         raise
 
@@ -106,7 +109,13 @@ def _run_trial(config: dict, ctx: dict, work_dir: str) -> None:
 
     trial_id = tune.get_context().get_trial_id()
     cfg = TrialConfig.from_dict(ctx["base"]).with_overrides(config)
-    os.environ["VIDTUNE_CACHE_DIR"] = ctx["cache_dir"]  # frozen-model outputs shared by all trials
+    store: SweepStorage = ctx["store"]
+    manifest_path = store.path(ctx["manifest_rel"])
+    store.pull(manifest_path)
+    cache_dir = store.path("cache")
+    for rel in ctx["cache_files"]:  # frozen-model outputs the sweep computed once (cloud --storage)
+        store.pull(store.path(rel))
+    os.environ["VIDTUNE_CACHE_DIR"] = cache_dir  # frozen-model outputs shared by all trials
     res = ctx["resources"]
 
     if res["workers"] <= 1:
@@ -115,15 +124,19 @@ def _run_trial(config: dict, ctx: dict, work_dir: str) -> None:
         device = torch.device("cuda") if res["gpus_per_worker"] > 0 and torch.cuda.is_available() else torch.device("cpu")
         node = ray.get_runtime_context().get_node_id()
 
+        pushed = _BestTracker(work_dir)
+
         def report(metrics: dict, _checkpoint_dir: str) -> None:
             # No Tune checkpoint: the trial's own `last/` (written before every report, on the
-            # shared storage) is what a restarted or restored trial resumes from. Tune's copy would
-            # cost a copy per epoch, and a restore can name one that `num_to_keep` already deleted.
+            # shared storage, or pushed to a cloud one here) is what a restarted or restored trial
+            # resumes from. Tune's copy would cost a copy per epoch, and a restore can name one
+            # that `num_to_keep` already deleted.
+            store.push_trial(work_dir, best_changed=pushed.changed())
             tune.report({**metrics, "vidtune_nodes": node})
 
         from vidtune.checkpoint import resumable_dir
 
-        fit(cfg, read_manifest(ctx["manifest"]), work_dir, report, resumable_dir(work_dir), device, num_cpus=cpus)
+        fit(cfg, read_manifest(manifest_path), work_dir, report, resumable_dir(work_dir), device, num_cpus=cpus)
         return
 
     import ray.train
@@ -136,16 +149,17 @@ def _run_trial(config: dict, ctx: dict, work_dir: str) -> None:
         train_loop_per_worker,
         train_loop_config={
             "trial": cfg.to_dict(),
-            "manifest": ctx["manifest"],
-            "work_dir": work_dir,
+            "manifest_rel": ctx["manifest_rel"],
+            "work_rel": store.rel(work_dir),
+            "store": store,
             "cpus_per_worker": res["cpus_per_worker"],
-            "cache_dir": ctx["cache_dir"],
+            "cache_files": ctx["cache_files"],
         },
         scaling_config=ray.train.ScalingConfig(num_workers=res["workers"], use_gpu=use_gpu, resources_per_worker=per_worker),
         # Same (storage_path, name) after a restore: the worker group resumes from its checkpoints.
         run_config=ray.train.RunConfig(
             name=f"train-{trial_id}",
-            storage_path=ctx["storage"],
+            storage_path=store.for_ray(),
             callbacks=[TuneReportCallback()],
             failure_config=ray.train.FailureConfig(max_failures=ctx["worker_failures"]),
         ),
@@ -172,8 +186,9 @@ class MlflowTrialCallback(_tune_callback_base()):
 
     def __init__(self, tracking_uri: str, experiment: str, parent_id: str, trials_dir: str,
                  metric: str = "", at_chance_below: float | None = None, grace_period: int = 1,
-                 tracker: SweepTracker | None = None):
+                 tracker: SweepTracker | None = None, store: SweepStorage | None = None):
         self.tracking_uri, self.experiment, self.parent_id, self.trials_dir = tracking_uri, experiment, parent_id, trials_dir
+        self.store = store or SweepStorage(os.path.dirname(os.path.dirname(trials_dir)))
         # A trial whose tuned metric is still under this bar at ASHA's grace period is tagged
         # vidtune.at_chance=true: a pipeline problem, not a bad hyperparameter, is the likely cause.
         self.metric, self.at_chance_below, self.grace_period = metric, at_chance_below, grace_period
@@ -230,8 +245,33 @@ class MlflowTrialCallback(_tune_callback_base()):
         self._end(trial, "failed", failure_reason(trial))
 
     def _end(self, trial, status: str, reason: str | None = None) -> None:
+        pull_finished_trial(self.store, os.path.join(self.trials_dir, trial.trial_id))
         self.outbox.put("end", trial.trial_id, params=trial.config, status=status, reason=reason,
                         checkpoint_dir=os.path.join(self.trials_dir, trial.trial_id, "best"))
+
+
+def pull_finished_trial(store: SweepStorage, work_dir: str) -> None:
+    """A cloud --storage: the trial's best checkpoint and history, for MLflow, from wherever it ran."""
+    from vidtune.train import HISTORY
+
+    with contextlib.suppress(Exception):  # a trial that never reported has nothing to fetch
+        store.pull(os.path.join(work_dir, "best"), overwrite=True)
+        store.pull(os.path.join(work_dir, HISTORY), overwrite=True)
+
+
+class _BestTracker:
+    """Whether ``best/`` changed since the last call (so a cloud push skips an unchanged one)."""
+
+    def __init__(self, work_dir: str):
+        self.path, self.seen = os.path.join(work_dir, "best", "config.json"), None
+
+    def changed(self) -> bool:
+        try:
+            stamp = os.stat(self.path).st_mtime_ns
+        except OSError:
+            return False
+        changed, self.seen = stamp != self.seen, stamp
+        return changed
 
 
 def failure_reason(trial) -> str:
@@ -289,20 +329,23 @@ def _apply_options(space: SweepSpace, opts: SweepOptions) -> SweepSpace:
     return space
 
 
-class StorageError(ValueError):
-    """``--storage`` (or the data) is not visible from every node of a multi-node cluster."""
+def _probe_paths(paths: list[str], store: SweepStorage | None = None) -> list[str]:
+    missing = [p for p in paths if not os.path.exists(p)]
+    if store is not None:
+        try:
+            store.check()
+        except StorageError as e:
+            missing.append(str(e))
+    return missing
 
 
-def _probe_paths(paths: list[str]) -> list[str]:
-    return [p for p in paths if not os.path.exists(p)]
-
-
-def check_shared_storage(storage: str, sweep_dir: str, video: str | None) -> int:
+def check_shared_storage(store: SweepStorage, sweep_dir: str, video: str | None) -> int:
     """On a multi-node cluster, refuse a ``--storage`` folder (or data) that some node cannot see.
 
     Trials on any node write checkpoints under ``storage`` and the sweep reads them back, so it
-    must be one shared folder (NFS, EFS, Lustre...). A marker file written here must show up on
-    every alive node; returns the number of nodes checked."""
+    must be one shared folder (NFS, EFS, Lustre...) or a cloud URI. A marker file written in the
+    folder must show up on every alive node (a URI must be writable from every node: credentials
+    and network reach); returns the number of nodes checked."""
     import uuid
 
     import ray
@@ -311,33 +354,35 @@ def check_shared_storage(storage: str, sweep_dir: str, video: str | None) -> int
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     if len(nodes) <= 1:
         return len(nodes)
-    marker = os.path.join(sweep_dir, f".probe-{uuid.uuid4().hex[:8]}")
-    with open(marker, "w") as f:
-        f.write("vidtune storage probe\n")
+    marker = None
+    if store.uri is None:
+        marker = os.path.join(sweep_dir, f".probe-{uuid.uuid4().hex[:8]}")
+        with open(marker, "w") as f:
+            f.write("vidtune storage probe\n")
     probe = ray.remote(num_cpus=0)(_probe_paths)
-    paths = [marker] + ([video] if video else [])
+    paths = ([marker] if marker else []) + ([video] if video else [])
     try:
-        refs = {n["NodeID"]: probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(paths)
-                for n in nodes}
+        refs = {n["NodeID"]: probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                .remote(paths, store if store.uri else None) for n in nodes}
         missing = dict(zip(refs, ray.get(list(refs.values()), timeout=120)))
     finally:
-        os.remove(marker)
+        if marker:
+            os.remove(marker)
     where = {n["NodeID"]: f"{n.get('NodeManagerAddress', '?')} ({n['NodeID'][:8]})" for n in nodes}
     blind = [where[node] for node, gone in missing.items() if marker in gone]
     if blind:
         raise StorageError(
-            f"--storage {storage}: not shared; {len(blind)} of {len(nodes)} nodes cannot see it "
-            f"({', '.join(blind)}). On a multi-node cluster pass a folder every node mounts (NFS, EFS, Lustre)"
+            f"--storage {store.local}: not shared; {len(blind)} of {len(nodes)} nodes cannot see it "
+            f"({', '.join(blind)}). On a multi-node cluster pass a folder every node mounts (NFS, EFS, Lustre) "
+            "or a cloud URI (s3://...)"
         )
+    cut_off = [(where[node], err) for node, gone in missing.items() for err in gone if err.startswith("--storage ")]
+    if cut_off:
+        raise StorageError(f"{cut_off[0][1]} (on {len(cut_off)} of {len(nodes)} nodes: {', '.join(w for w, _ in cut_off)})")
     no_data = [where[node] for node, gone in missing.items() if video in gone]
     if no_data:
         raise StorageError(f"data: {video} is not readable on {', '.join(no_data)}; every node needs the videos at the same path")
     return len(nodes)
-
-
-def _latest_sweep_dir(storage: str, name: str) -> str | None:
-    candidates = sorted(glob.glob(os.path.join(storage, f"{name}-*")), key=os.path.getmtime)
-    return candidates[-1] if candidates else None
 
 
 def run_sweep(opts: SweepOptions) -> dict:
@@ -351,11 +396,9 @@ def run_sweep(opts: SweepOptions) -> dict:
     tracking_uri = resolve_tracking_uri(opts.tracking_uri)
     check_tracking(tracking_uri)  # before any data work or trial
     experiment = opts.experiment or space.name
-    if "://" in (opts.storage or ""):
-        # Trials write their work dirs (best/last checkpoints) under --storage with plain file I/O.
-        raise StorageError(f"--storage {opts.storage}: give a folder path; on a cluster, one every node mounts "
-                           "(NFS, EFS, Lustre, a bucket mounted with s3fs/gcsfuse)")
-    storage = os.path.abspath(opts.storage or "ray_results")
+    store = SweepStorage(opts.storage)
+    store.check()  # a cloud URI this machine cannot write fails here, before any data work
+    storage = store.local  # this node's folder: the storage itself, or its mirror of a cloud URI
 
     manifest = prepare_data(space, opts.data, opts.data_root, opts.smoke_test)
     _describe_data(manifest)
@@ -374,15 +417,19 @@ def run_sweep(opts: SweepOptions) -> dict:
     from ray.tune.schedulers import ASHAScheduler
 
     if opts.resume:
-        sweep_dir = _latest_sweep_dir(storage, space.name)
-        if not sweep_dir or not tune.Tuner.can_restore(sweep_dir):
-            raise FileNotFoundError(f"--resume: no sweep of {space.name!r} to resume under {storage}")
-        sweep_name = os.path.basename(sweep_dir)
+        found = store.list_dirs(f"{space.name}-")
+        sweep_name = found[-1] if found else ""
+        if not sweep_name or not tune.Tuner.can_restore(f"{store.for_ray()}/{sweep_name}"):
+            raise FileNotFoundError(f"--resume: no sweep of {space.name!r} to resume under {store.spec}")
+        sweep_dir = store.path(sweep_name)
+        for name in ("manifest.parquet", "mlflow_outbox.jsonl"):  # from wherever the sweep ran (a cloud --storage)
+            store.pull(os.path.join(sweep_dir, name))
     else:
         sweep_name = f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         sweep_dir = os.path.join(storage, sweep_name)
     os.makedirs(sweep_dir, exist_ok=True)
     manifest_path = manifest.save(os.path.join(sweep_dir, "manifest.parquet")) if not opts.resume else os.path.join(sweep_dir, "manifest.parquet")
+    store.push(manifest_path)
     trials_dir = os.path.join(sweep_dir, "trials")
     cache_dir = os.path.join(storage, "cache")  # beside every sweep: reused across sweeps of the same data
 
@@ -398,8 +445,13 @@ def run_sweep(opts: SweepOptions) -> dict:
         clip_cache_mb = round(build_clip_cache(manifest, space.base.data, cache_dir).num_bytes / 2**20, 1)
         print(f"clip cache: {clip_cache_mb} MB of decoded clips under {cache_dir} (`data.cache: false` turns it off)")
     warmed = get_recipe(space.recipe).warm_cache(space.base, manifest, cache_dir)
+    cache_files = []
     if warmed:
         print(f"cache: {warmed.get('cache')} ({'computed' if warmed.get('computed') else 'reused'})")
+        if store.uri:
+            for path in warmed.get("files") or [warmed["cache"]]:
+                store.push(path)  # trials on other nodes fetch it instead of computing it again
+                cache_files.append(store.rel(path))
 
     if not ray.is_initialized():
         # Faster Train reports (the controller polls workers; 2 s by default) for multi-worker trials.
@@ -408,9 +460,9 @@ def run_sweep(opts: SweepOptions) -> dict:
         # own default would join it). `--address auto` or RAY_ADDRESS joins a running cluster.
         address = opts.address or os.environ.get("RAY_ADDRESS") or "local"
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True, configure_logging=False)
-    nodes = check_shared_storage(storage, sweep_dir, str(manifest.column("path")[0]) if len(manifest) else None)
+    nodes = check_shared_storage(store, sweep_dir, str(manifest.column("path")[0]) if len(manifest) else None)
     if nodes > 1:
-        print(f"storage {storage}: shared by all {nodes} nodes")
+        print(f"storage {store.spec}: " + (f"reachable from all {nodes} nodes" if store.uri else f"shared by all {nodes} nodes"))
     concurrency = _concurrency(space, ray.cluster_resources())
 
     tracker = SweepTracker(tracking_uri, experiment)
@@ -429,16 +481,16 @@ def run_sweep(opts: SweepOptions) -> dict:
     at_chance_below = None if chance is None else chance + max(0.05, 3 * math.sqrt(chance * (1 - chance) / n_val))
     callback = MlflowTrialCallback(tracking_uri, experiment, parent_id, trials_dir, space.tune.metric, at_chance_below,
                                    min(space.tune.asha.grace_period, space.tune.asha.max_t or space.base.train.epochs),
-                                   tracker=tracker)
+                                   tracker=tracker, store=store)
     if opts.resume and len(callback.outbox):
         print(f"delivering {len(callback.outbox)} MLflow records kept from the interrupted sweep")
         callback.outbox.flush(force=True)
     ctx = {
         "base": space.base.to_dict(),
-        "manifest": manifest_path,
-        "trials_dir": trials_dir,
-        "storage": storage,
-        "cache_dir": cache_dir,
+        "store": store,
+        "manifest_rel": store.rel(manifest_path),
+        "trials_rel": store.rel(trials_dir),
+        "cache_files": cache_files,
         "resources": vars(space.resources),
         "worker_failures": WORKER_FAILURES,
     }
@@ -458,7 +510,7 @@ def run_sweep(opts: SweepOptions) -> dict:
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     t0 = time.time()
     if opts.resume:
-        tuner = tune.Tuner.restore(sweep_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
+        tuner = tune.Tuner.restore(f"{store.for_ray()}/{sweep_name}", trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
         startup = space.tune.tpe_startup_trials or max(1, space.tune.num_samples // 3)
         # With the space given here, Tune's set_search_properties skips the searcher: it needs
@@ -502,7 +554,7 @@ def run_sweep(opts: SweepOptions) -> dict:
             ),
             run_config=tune.RunConfig(
                 name=sweep_name,
-                storage_path=storage,
+                storage_path=store.for_ray(),
                 callbacks=[callback, refresher, progress],
                 # A trial whose process dies (node lost, OOM-killed) restarts from its last
                 # checkpoint; an error of the trial itself is not retried (see trial_driver).
@@ -521,11 +573,12 @@ def run_sweep(opts: SweepOptions) -> dict:
     # Everything the trials reported reaches MLflow before the sweep is closed; a server still
     # down keeps the records in the outbox file for `--resume` to deliver.
     if not callback.outbox.drain(float(os.environ.get("VIDTUNE_MLFLOW_DRAIN_S", "300"))):
+        store.push(callback.outbox.path)  # for a --resume from another machine
         raise TrackingError(
             f"{tracking_uri}: tracking server unreachable at the end of the sweep; {len(callback.outbox)} records are "
             f"kept in {callback.outbox.path}; run the same command with --resume once it is back to deliver them"
         )
-    closed = _close_open_trial_runs(tracker, parent_id, results, trials_dir)
+    closed = _close_open_trial_runs(tracker, parent_id, results, trials_dir, store)
     if closed:
         print(f"closed {closed} trial runs left open by an interrupted sweep")
     best_run, best_value = tracker.end_sweep(space.tune.metric, space.tune.mode)
@@ -540,7 +593,7 @@ def run_sweep(opts: SweepOptions) -> dict:
     summary = {
         "experiment": experiment,
         "sweep": sweep_name,
-        "sweep_dir": sweep_dir,
+        "sweep_dir": f"{store.uri}/{sweep_name}" if store.uri else sweep_dir,
         "parent_run_id": parent_id,
         "tracking_uri": tracking_uri,
         "metric": space.tune.metric,
@@ -556,7 +609,7 @@ def run_sweep(opts: SweepOptions) -> dict:
     return summary
 
 
-def _close_open_trial_runs(tracker: SweepTracker, parent_id: str, results, trials_dir: str) -> int:
+def _close_open_trial_runs(tracker: SweepTracker, parent_id: str, results, trials_dir: str, store: SweepStorage) -> int:
     """End trial runs still RUNNING once Tune is done (the sweep process was killed between a
     trial's end and its MLflow record), with the status Tune's own record gives.
 
@@ -583,6 +636,7 @@ def _close_open_trial_runs(tracker: SweepTracker, parent_id: str, results, trial
             status, reason = "failed", failure_reason(trial)
         else:
             status, reason = ("completed" if last.get("vidtune_finished") else "pruned"), None
+        pull_finished_trial(store, os.path.join(trials_dir, trial_id))
         tracker.end_trial(run.info.run_id, status, reason, os.path.join(trials_dir, trial_id, "best"))
     return len(open_runs)
 

@@ -52,7 +52,7 @@ class TrialFailed(RuntimeError):
 
 
 @contextlib.contextmanager
-def remember_failure(work_dir: str):
+def remember_failure(work_dir: str, store=None):
     """Write errors that would only repeat (NaN loss, bad config or data, a missing metric) to
     ``work_dir``: Ray restarts a failed worker group or trial, which is right when a process or
     node died and wasted when the trial itself is broken."""
@@ -64,6 +64,8 @@ def remember_failure(work_dir: str):
         os.makedirs(work_dir, exist_ok=True)
         with open(os.path.join(work_dir, FAILED_MARK), "w") as f:
             f.write(f"{type(e).__name__}: {e}")
+        if store is not None:  # a cloud --storage: the mark must reach a restart on any node
+            store.push(os.path.join(work_dir, FAILED_MARK))
         raise
 
 
@@ -381,18 +383,32 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     ctx = ray.train.get_context()
     cfg = TrialConfig.from_dict(loop_config["trial"])
-    manifest = read_manifest(loop_config["manifest"])
-    if loop_config.get("cache_dir"):
-        os.environ["VIDTUNE_CACHE_DIR"] = loop_config["cache_dir"]
+    # Paths are relative to --storage: a rank on another node has its own mirror of a cloud URI.
+    store = loop_config["store"]
+    manifest_path, work_dir = store.path(loop_config["manifest_rel"]), store.path(loop_config["work_rel"])
+    store.pull(manifest_path)
+    for rel in loop_config.get("cache_files", []):
+        store.pull(store.path(rel))
+    os.environ["VIDTUNE_CACHE_DIR"] = store.path("cache")
+    manifest = read_manifest(manifest_path)
     torch.set_num_threads(max(1, int(loop_config.get("cpus_per_worker", 1))))
     rank0 = ctx.get_world_rank() == 0
+    if rank0:
+        store.pull_trial(work_dir)  # history and best of earlier attempts, wherever they ran
+    else:
+        store.pull(os.path.join(work_dir, FAILED_MARK), overwrite=True)
+    best_config, best_seen = os.path.join(work_dir, "best", "config.json"), [None]
 
     def report(metrics: dict, checkpoint_dir: str) -> None:
         # Reporting is a barrier for all ranks; only rank 0 hands over its checkpoint.
+        if rank0:
+            stamp = os.stat(best_config).st_mtime_ns if os.path.exists(best_config) else None
+            store.push_trial(work_dir, best_changed=stamp != best_seen[0])
+            best_seen[0] = stamp
         ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if rank0 else None
         ray.train.report(metrics, checkpoint=ckpt)
 
-    TrialFailed.raise_if_marked(loop_config["work_dir"])
+    TrialFailed.raise_if_marked(work_dir)
     # The node of every rank, once: shows where a trial's DDP workers ran (they may span nodes).
     nodes = [None] * ctx.get_world_size()
     dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
@@ -402,12 +418,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
         report({**metrics, "vidtune_nodes": nodes_text}, checkpoint_dir)
 
     checkpoint = ray.train.get_checkpoint()
-    with remember_failure(loop_config["work_dir"]), \
+    with remember_failure(work_dir, store), \
             checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as resume_dir:
         fit(
             cfg,
             manifest,
-            work_dir=loop_config["work_dir"],
+            work_dir=work_dir,
             report=report_with_nodes,
             # Ray Train records a run's checkpoints as they are reported: its own is the freshest.
             resume_dir=resume_dir,

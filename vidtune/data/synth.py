@@ -52,6 +52,8 @@ class Profile:
     # (timm backbones) see what a frame holds, hardly where: real classes carry such appearance
     # cues (a scene, a held object), and a set of pure motions would hide every other difference.
     hue_cue: float = 0.0
+    # Object radius as a fraction of the frame's short side (a range drawn per video).
+    object_scale: tuple[float, float] = (0.12, 0.18)
 
 
 def profile(recipe: str, num_classes: int | None = None) -> Profile:
@@ -202,7 +204,7 @@ def render(motion: str, prof: Profile, rng: np.random.Generator, hue: float | No
         value = 0.35 if base.mean() > 128 else 1.0
         colour = 255 * np.array(colorsys.hsv_to_rgb(hue + rng.normal(0, 0.02), rng.uniform(0.7, 1.0), value))
     shape = rng.choice(["square", "triangle", "bar"])
-    radius = min(width, height) * rng.uniform(0.12, 0.18)
+    radius = min(width, height) * rng.uniform(*prof.object_scale)
     # Start and end positions keep the object inside the frame for the whole video.
     travel = rng.uniform(0.35, 0.55)
     cx0, cy0 = rng.uniform(0.3, 0.7) * width, rng.uniform(0.3, 0.7) * height

@@ -82,7 +82,7 @@ class Recipe:
             self._check_frozen(cfg)
             # Per split: trials ask for their train and val rows separately (the key is the rows').
             done = [backbone_features(cfg, manifest.split(s), cache_dir) for s in ("train", "val")]
-            return {"cache": os.path.dirname(done[0][0]), "computed": any(c for _, c in done)}
+            return {"cache": os.path.dirname(done[0][0]), "files": [p for p, _ in done], "computed": any(c for _, c in done)}
         return {}
 
     def static_metrics(self, model: nn.Module, cfg: TrialConfig) -> dict[str, float]:
