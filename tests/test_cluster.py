@@ -7,6 +7,7 @@ killed and resumed, the tracking server down for a while, and storage one node c
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import secrets
@@ -428,7 +429,15 @@ def test_cloud_storage_uri_sweep_resumes_from_another_machine(ray_nodes, s3_serv
     finished_before = {t.info.run_id: t.info.end_time for t in before if t.info.status == "FINISHED"}
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    time.sleep(2)  # the job's trial actors die with their driver
+
+    def trial_actors_gone():  # Ray kills a dead driver's actors; none may write after the wipe
+        titles = []
+        for p in ray_nodes.processes():
+            with contextlib.suppress(psutil.Error):
+                titles.append(" ".join(p.cmdline()))
+        return not any("ImplicitFunc" in t or "trial_driver" in t for t in titles)
+
+    wait_for(trial_actors_gone, 60, "the killed sweep's trial processes to exit")
     for folder in [tmp_path / "driver-a", *glob.glob(ray_nodes.scratch("*"))]:
         shutil.rmtree(folder, ignore_errors=True)  # nothing local survives: all must come from S3
 

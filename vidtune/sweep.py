@@ -67,7 +67,13 @@ def synthetic_manifest(synth: dict, data_root: str) -> Manifest:
 
     recipe = synth.get("recipe", "quickstart")
     classes, per_class, seed = synth.get("classes"), int(synth.get("videos_per_class", 40)), int(synth.get("seed", 0))
-    folder = os.path.abspath(os.path.join(data_root, f"{recipe}-c{classes or 'd'}-v{per_class}-s{seed}"))
+    import hashlib
+
+    from vidtune.data.synth import profile
+
+    # The profile's own fingerprint in the name: a set written by an older profile is not reused.
+    look = hashlib.sha1(repr(profile(recipe, classes)).encode()).hexdigest()[:6]
+    folder = os.path.abspath(os.path.join(data_root, f"{recipe}-c{classes or 'd'}-v{per_class}-s{seed}-{look}"))
     manifest = os.path.join(folder, "manifest.parquet")
     if not os.path.exists(manifest):
         print(f"writing synthetic data set {recipe!r} to {folder}")
