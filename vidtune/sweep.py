@@ -223,7 +223,8 @@ class MlflowTrialCallback(_tune_callback_base()):
         return self._outbox
 
     def on_step_end(self, iteration, trials, **info):
-        self.outbox.flush()  # retries buffered writes (at most every few seconds while down)
+        if self.outbox._thread is None:
+            self.outbox.flush()  # retries buffered writes (at most every few seconds while down)
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.outbox.put("start", trial.trial_id, params=trial.config)
@@ -491,6 +492,8 @@ def run_sweep(opts: SweepOptions) -> dict:
     if opts.resume and len(callback.outbox):
         print(f"delivering {len(callback.outbox)} MLflow records kept from the interrupted sweep")
         callback.outbox.flush(force=True)
+    # From here MLflow writes go out from a background thread: Tune's loop only queues them.
+    callback.outbox.start()
     ctx = {
         "base": space.base.to_dict(),
         "store": store,

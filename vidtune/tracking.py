@@ -314,9 +314,14 @@ class Outbox:
     unreachable, writes stay queued (and are written to ``path`` so a killed sweep keeps them) and
     are retried with a back-off; nothing blocks training. Each write is idempotent on replay:
     metrics carry the timestamp of their first attempt (MLflow stores an identical metric once),
-    runs are found by their trial tag before one is created, tags and ends simply repeat."""
+    runs are found by their trial tag before one is created, tags and ends simply repeat.
+
+    After ``start()``, a background thread delivers: the sweep's event loop only queues, so a
+    trial's end (checkpoint upload, figures) never holds up the start of the next trial."""
 
     def __init__(self, tracker: SweepTracker, path: str | None = None, retry_every_s: float = 5.0):
+        import threading
+
         self.tracker = tracker
         self.path = path
         self.retry_every_s = retry_every_s
@@ -324,6 +329,11 @@ class Outbox:
         self.down_since: float | None = None
         self.next_try = 0.0
         self.delivered = 0
+        self._lock = threading.RLock()  # guards ops and the file; never held while talking to MLflow
+        self._deliver = threading.Lock()  # one deliverer at a time, in order
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
         if path and os.path.exists(path):
             import json
 
@@ -334,40 +344,84 @@ class Outbox:
         return len(self.ops)
 
     def put(self, op: str, trial_id: str, **args) -> None:
-        self.ops.append({"op": op, "trial_id": trial_id, "t": int(time.time() * 1000), **args})
-        self.flush()
+        self._raise_background_error()
+        with self._lock:
+            self.ops.append({"op": op, "trial_id": trial_id, "t": int(time.time() * 1000), **args})
+            if self._thread is not None:
+                self._save()  # a killed sweep keeps what the thread has not delivered yet
+        if self._thread is not None:
+            self._wake.set()
+        else:
+            self.flush()
+
+    def start(self) -> None:
+        """Deliver from a background thread from now on (``drain`` stops it)."""
+        import threading
+
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="mlflow-outbox", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while self._thread is not None:
+            self._wake.wait(timeout=self.retry_every_s)
+            self._wake.clear()
+            try:
+                self.flush()
+            except BaseException as e:  # not an outage: the sweep process reports it on its next call
+                self._error = e
+                return
+
+    def _raise_background_error(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
     def flush(self, force: bool = False) -> bool:
         """Deliver queued writes in order; True when none are left."""
-        if not self.ops:
-            return True
-        if not force and time.time() < self.next_try:
-            self._save()
-            return False
-        while self.ops:
-            try:
-                self._apply(self.ops[0])
-            except Exception as e:
-                if not is_unreachable(e):
-                    raise
-                if self.down_since is None:
-                    self.down_since = time.time()
-                    print(f"MLflow {self.tracker.uri} unreachable ({str(e).splitlines()[0][:160]}); "
-                          f"trials go on, their records are kept and retried every {self.retry_every_s:g} s")
-                self.next_try = time.time() + self.retry_every_s
+        with self._deliver:
+            with self._lock:
+                if not self.ops:
+                    return True
+                if not force and time.time() < self.next_try:
+                    self._save()
+                    return False
+            while True:
+                with self._lock:
+                    if not self.ops:
+                        break
+                    op = self.ops[0]
+                try:
+                    self._apply(op)
+                except Exception as e:
+                    if not is_unreachable(e):
+                        raise
+                    if self.down_since is None:
+                        self.down_since = time.time()
+                        print(f"MLflow {self.tracker.uri} unreachable ({str(e).splitlines()[0][:160]}); "
+                              f"trials go on, their records are kept and retried every {self.retry_every_s:g} s")
+                    self.next_try = time.time() + self.retry_every_s
+                    with self._lock:
+                        self._save()
+                    return False
+                with self._lock:
+                    self.ops.pop(0)
+                    self.delivered += 1
+            if self.down_since is not None:
+                print(f"MLflow {self.tracker.uri} reachable again after {time.time() - self.down_since:.0f} s; "
+                      "buffered records delivered")
+                self.down_since = None
+            with self._lock:
                 self._save()
-                return False
-            self.ops.pop(0)
-            self.delivered += 1
-        if self.down_since is not None:
-            print(f"MLflow {self.tracker.uri} reachable again after {time.time() - self.down_since:.0f} s; "
-                  "buffered records delivered")
-            self.down_since = None
-        self._save()
-        return True
+            return True
 
     def drain(self, timeout_s: float) -> bool:
         """Retry until everything is delivered or ``timeout_s`` passes (then the file keeps the rest)."""
+        thread, self._thread = self._thread, None
+        if thread is not None:  # stop the background deliverer; this thread finishes the job
+            self._wake.set()
+            thread.join()
+        self._raise_background_error()
         deadline = time.time() + timeout_s
         while not self.flush(force=True):
             if time.time() > deadline:
@@ -384,9 +438,9 @@ class Outbox:
             if os.path.exists(self.path):
                 os.remove(self.path)
             return
-        tmp = self.path + ".tmp"
+        tmp = f"{self.path}.tmp"
         with open(tmp, "w") as f:
-            for op in self.ops:
+            for op in list(self.ops):
                 f.write(json.dumps(op) + "\n")
         os.replace(tmp, self.path)
 

@@ -54,6 +54,9 @@ class Profile:
     hue_cue: float = 0.0
     # Object radius as a fraction of the frame's short side (a range drawn per video).
     object_scale: tuple[float, float] = (0.12, 0.18)
+    # Start position's spread around the frame's centre (fraction of the frame); 0.2 places the
+    # object anywhere in the middle 40%. Crops centred on a face part (a mouth) hold it near 0.
+    centre_spread: float = 0.2
 
 
 def profile(recipe: str, num_classes: int | None = None) -> Profile:
@@ -212,7 +215,8 @@ def render(motion: str, prof: Profile, rng: np.random.Generator, hue: float | No
     radius = min(width, height) * rng.uniform(*prof.object_scale)
     # Start and end positions keep the object inside the frame for the whole video.
     travel = rng.uniform(0.35, 0.55)
-    cx0, cy0 = rng.uniform(0.3, 0.7) * width, rng.uniform(0.3, 0.7) * height
+    spread = prof.centre_spread
+    cx0, cy0 = rng.uniform(0.5 - spread, 0.5 + spread) * width, rng.uniform(0.5 - spread, 0.5 + spread) * height
     angle0 = rng.uniform(0, 2 * math.pi)
     phase = rng.uniform(0, 2 * math.pi)
     noise_sd = rng.uniform(2, 10)
