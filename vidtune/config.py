@@ -93,7 +93,7 @@ class ModelConfig:
     temporal_head: str = "avg"  # timm only: avg | attention
     spatial_grid: int = 1  # timm only: pool each frame's features to grid x grid (1: global), keeps position
     widths: list = field(default_factory=lambda: [16, 32, 64])  # cnn3d stage widths
-    pool: str = "avg"  # cnn3d and timm global pooling: avg | max (max keeps small moving objects visible)
+    pool: str = "avg"  # cnn3d, lipcnn and timm global pooling: avg | max (max keeps small moving objects visible)
     depths: list = field(default_factory=lambda: [1, 1, 1, 1])  # slowfast blocks per stage ([3, 4, 6, 3] = R50)
     speed_ratio: int = 4  # slowfast alpha: the slow pathway sees every alpha-th frame
     channel_ratio: float = 0.125  # slowfast beta: fast pathway width / slow pathway width

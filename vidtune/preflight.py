@@ -176,15 +176,18 @@ def check_overfit(manifest: Manifest, cfg: TrialConfig, steps: int = 40, batch: 
     optimizer = build_optimizer(model, cfg)
     model.train()
     losses = []
+    part_name = recipe.overfit_part
     for _ in range(steps):
-        loss, _ = loss_fn(model(x), y, extra)
+        loss, parts = loss_fn(model(x), y, extra)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(float(loss.detach()))
+        judged = parts[part_name] if part_name in parts else loss
+        losses.append(float(judged.detach()))
     first, last = losses[0], min(losses[-5:])
     ok = math.isfinite(last) and last <= 0.5 * first
-    msg = f"loss on one batch of {len(rows)} clips {first:.3f} -> {last:.3f} in {steps} steps (lr {cfg.train.lr:g})"
+    what = f"{part_name} loss" if part_name in parts else "loss"
+    msg = f"{what} on one batch of {len(rows)} clips {first:.3f} -> {last:.3f} in {steps} steps (lr {cfg.train.lr:g})"
     if not ok:
         msg += ": the model, loss or optimiser cannot fit it (wiring broken, or lr far off)"
     return Finding("overfit", ok, msg)

@@ -35,7 +35,7 @@ def build_model(cfg: ModelConfig, num_classes: int, in_channels: int = 3, num_fr
                              cfg.speed_ratio, cfg.channel_ratio, cfg.dropout)
         else:
             model = LipCnn3d(in_channels, num_classes, tuple(int(w) for w in cfg.widths), tuple(int(k) for k in cfg.kernels),
-                             tuple(int(h) for h in cfg.head), cfg.dropout)
+                             tuple(int(h) for h in cfg.head), cfg.dropout, cfg.pool)
         _load_local_weights(model, cfg.pretrained_path)
         return model
     raise ConfigError(f"model.arch: unknown {cfg.arch!r}; choose one of {list(ModelConfig.ARCHES)}")

@@ -106,7 +106,7 @@ class LipCnn3d(nn.Module):
     pooling and a three-layer head whose dropout falls off (d, d/2, 0.3 d: 0.4/0.2/0.12)."""
 
     def __init__(self, in_channels: int, num_classes: int, widths=(64, 128, 256, 512), kernels=(7, 5, 3, 3),
-                 head=(256, 128), dropout: float = 0.4):
+                 head=(256, 128), dropout: float = 0.4, pool: str = "avg"):
         super().__init__()
         layers: list[nn.Module] = []
         prev = in_channels
@@ -114,7 +114,8 @@ class LipCnn3d(nn.Module):
             layers += [nn.Conv3d(prev, w, (3, k, k), padding=(1, k // 2, k // 2)), *_bn_relu(w),
                        nn.MaxPool3d((1 if i == 0 else 2, 2, 2))]
             prev = w
-        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool3d(1))
+        # The report pools by average (its mouth fills the crop); max keeps a small moving part visible.
+        self.features = nn.Sequential(*layers, nn.AdaptiveMaxPool3d(1) if pool == "max" else nn.AdaptiveAvgPool3d(1))
         drops = (dropout, dropout / 2, dropout * 0.3)
         dims = (prev, *head)
         blocks: list[nn.Module] = []

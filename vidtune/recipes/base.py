@@ -31,6 +31,9 @@ class Recipe:
     """
 
     name = "classify"
+    # The loss part preflight's one-batch overfit must drive down (None: the total). A multi-task
+    # total can rise while the model fits: a part may regress to a target that moves with the model.
+    overfit_part: str | None = None
     Options: type = NoOptions
     synthetic = "quickstart"
     frozen_features = False  # trains on cached backbone features with model.freeze_backbone
