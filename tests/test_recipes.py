@@ -51,6 +51,19 @@ def test_lipcnn_with_the_reports_settings_has_the_reports_parameter_count():
     assert drops == pytest.approx([0.4, 0.2, 0.12])
 
 
+def test_lipcnn_max_pooling_sees_a_small_blob_that_average_pooling_dilutes():
+    avg = build_model(ModelConfig(arch="lipcnn", widths=[4, 4, 4, 4], kernels=[3, 3, 3, 3], head=[8, 8]), 5, in_channels=1)
+    mx = build_model(ModelConfig(arch="lipcnn", widths=[4, 4, 4, 4], kernels=[3, 3, 3, 3], head=[8, 8], pool="max"), 5, in_channels=1)
+    assert isinstance(avg.features[-1], torch.nn.AdaptiveAvgPool3d) and isinstance(mx.features[-1], torch.nn.AdaptiveMaxPool3d)
+    mx.load_state_dict(avg.state_dict())  # same weights: only the pooling differs
+    mx.eval(), avg.eval()
+    x = torch.zeros(2, 1, 16, 32, 32)
+    x[1, :, :, 14:18, 14:18] = 5.0  # a small bright blob in the second clip only
+    with torch.no_grad():
+        fa, fm = avg.features(x).flatten(1), mx.features(x).flatten(1)
+    assert (fm[1] - fm[0]).abs().max() > (fa[1] - fa[0]).abs().max()
+
+
 def test_slowfast_pathways_and_r50_layout():
     tiny = build_model(ModelConfig(arch="slowfast", widths=[8], depths=[1, 1, 1, 1], speed_ratio=4, channel_ratio=0.25), 14, in_channels=1)
     x = torch.randn(2, 1, 16, 64, 64)  # (B, C, T, H, W)
