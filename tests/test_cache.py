@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import multiprocessing
 import os
 import pickle
@@ -23,7 +24,7 @@ from vidtune.data.cache import (
     open_clip_cache,
     stored_indices,
 )
-from vidtune.data.dataset import ClipDataset, normalize_batch
+from vidtune.data.dataset import ClipDataset, augment_batch, normalize_batch
 from vidtune.data.manifest import Manifest, read_manifest
 
 CFG = DataConfig(num_segments=4, frames_per_segment=2, frame_stride=2, decode_short_side=40, crop_size=32, hflip=0.5)
@@ -193,10 +194,21 @@ def test_device_normalisation_matches_the_loader_normalisation(built):
         raw = torch.stack([ClipDataset(val, cfg, False, cache=cache, normalise=False)[i][0] for i in range(3)])
         assert raw.dtype == torch.uint8
         assert torch.allclose(normalize_batch(raw, cfg), ref, atol=1e-6)
+    # Training view: the same crops; the device does the flips (all of them at hflip 1, none at 0).
     train = manifest.split("train")
-    ref = torch.stack([ClipDataset(train, CFG, True, cache=cache)[i][0] for i in range(3)])
-    raw = torch.stack([ClipDataset(train, CFG, True, cache=cache, normalise=False)[i][0] for i in range(3)])
-    assert raw.dtype == torch.uint8 and torch.allclose(normalize_batch(raw, CFG), ref, atol=1e-6)
+    for p in (1.0, 0.0):
+        cfg = dataclasses.replace(CFG, hflip=p)
+        ref = torch.stack([ClipDataset(train, cfg, True, cache=cache)[i][0] for i in range(3)])
+        raw = torch.stack([ClipDataset(train, cfg, True, cache=cache, normalise=False)[i][0] for i in range(3)])
+        assert raw.dtype == torch.uint8 and torch.allclose(normalize_batch(augment_batch(raw, cfg), cfg), ref, atol=1e-6)
+    cfg = dataclasses.replace(CFG, hflip=0.5)
+    raw = torch.stack([ClipDataset(train, cfg, True, cache=cache, normalise=False)[i][0] for i in range(len(train))])
+    out = augment_batch(raw, cfg, torch.Generator().manual_seed(0))
+    flipped = [bool(torch.equal(o, r.flip(-1))) and not torch.equal(o, r) for o, r in zip(out, raw)]
+    kept = [bool(torch.equal(o, r)) for o, r in zip(out, raw)]
+    assert all(f or k for f, k in zip(flipped, kept)) and any(flipped) and any(kept)
+    features = torch.randn(2, 8, 4)  # frozen-backbone features are not pixels: untouched
+    assert augment_batch(features, cfg) is features
 
 
 def test_fit_with_and_without_cache_gives_the_same_run(tiny_set, tmp_path, monkeypatch):
@@ -217,6 +229,25 @@ def test_fit_with_and_without_cache_gives_the_same_run(tiny_set, tmp_path, monke
     plain = fit(cfg, manifest, str(tmp_path / "c"), log=lambda _m: None)
     for key in ("train_loss", "val_loss", "val_top1"):
         assert cached["metrics"][key] == off["metrics"][key] == plain["metrics"][key]
+
+
+def test_fit_with_device_transforms_repeats_exactly(tiny_set, tmp_path):
+    # device_transforms on (here the device is the CPU): the loader ships uint8 unflipped clips,
+    # fit() flips and normalises the batch; the device's flip stream is seeded, so a run repeats.
+    from vidtune.train import fit
+
+    manifest = read_manifest(tiny_set)
+    cfg = TrialConfig.from_dict({
+        "data": {"num_segments": 4, "decode_short_side": 40, "crop_size": 32, "num_workers": 0, "hflip": 0.5,
+                 "device_transforms": "on"},
+        "model": {"arch": "cnn3d", "widths": [4, 8]},
+        "train": {"epochs": 2, "batch_size": 8, "precision": "fp32"},
+    })
+    a = fit(cfg, manifest, str(tmp_path / "a"), log=lambda _m: None)
+    b = fit(cfg, manifest, str(tmp_path / "b"), log=lambda _m: None)
+    off = fit(cfg.with_overrides({"data.device_transforms": "off"}), manifest, str(tmp_path / "c"), log=lambda _m: None)
+    assert a["metrics"]["train_loss"] == b["metrics"]["train_loss"]
+    assert math.isfinite(a["metrics"]["train_loss"]) and a["metrics"]["train_loss"] != off["metrics"]["train_loss"]
 
 
 def test_loader_workers_map_the_cache_themselves(built):

@@ -48,7 +48,7 @@ class DataConfig:
     sampler_power: float = 0.0  # class-balanced sampling: weight ~ freq^-p (0 plain, 0.5 sqrt, 1 balanced)
     cache: bool = True  # decode once into the shared clip cache (<storage>/cache) and read from it
     cache_max_frames: int = 128  # frames cached per training video; longer ones keep this many, evenly spaced
-    device_transforms: str = "auto"  # normalise/flip on the training device: auto (on CUDA) | on | off
+    device_transforms: str = "auto"  # flip + normalise on the training device: auto (on CUDA) | on | off
 
     def __post_init__(self) -> None:
         problems = []

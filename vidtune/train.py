@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from vidtune.checkpoint import load_checkpoint, save_checkpoint
 from vidtune.config import TrialConfig
 from vidtune.data.cache import open_clip_cache
-from vidtune.data.dataset import WeightedDistributedSampler, class_balanced_weights, normalize_batch
+from vidtune.data.dataset import WeightedDistributedSampler, augment_batch, class_balanced_weights, normalize_batch
 from vidtune.data.manifest import DataError, Manifest, read_manifest
 from vidtune.ema import WeightEma
 from vidtune.recipes import get_recipe
@@ -168,6 +168,8 @@ def fit(
     clip_cache = open_clip_cache(manifest, cfg.data, log=log if rank == 0 else (lambda _m: None))
     # On CUDA the loader ships uint8 clips and the device normalises them.
     on_device = cfg.data.device_transforms == "on" or (cfg.data.device_transforms == "auto" and device.type == "cuda")
+    # The device's flips: their own stream, seeded per rank, so a run repeats exactly.
+    flips = torch.Generator(device=device).manual_seed(cfg.train.seed * 1000 + rank) if on_device else None
     train_ds = recipe.make_dataset(train_part, cfg, train=True, cache=clip_cache, normalise=not on_device)
     val_ds = recipe.make_dataset(val_part, cfg, train=False, cache=clip_cache, normalise=not on_device)
     if cfg.data.sampler_power > 0:
@@ -253,7 +255,7 @@ def fit(
         for step, (clips, labels, rows) in enumerate(train_loader):
             clips = clips.to(device, non_blocking=True)  # (B, C, T, H, W)
             if on_device:
-                clips = normalize_batch(clips, cfg.data)
+                clips = normalize_batch(augment_batch(clips, cfg.data, flips), cfg.data)
             labels = labels.to(device, non_blocking=True)
             extra = {k: v[rows].to(device, non_blocking=True) for k, v in extras["train"].items()}
             stepping = (step + 1) % cfg.train.accumulate == 0 or step + 1 == len(train_loader)

@@ -72,6 +72,16 @@ def normalize_batch(clips: torch.Tensor, cfg: DataConfig) -> torch.Tensor:
     return torch.addcmul(shift, x, scale)
 
 
+def augment_batch(clips: torch.Tensor, cfg: DataConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The training augmentation that runs on the device, for a batch ``(B, C, T, H, W)`` the loader
+    left unflipped (``normalise=False``): each clip is mirrored with probability ``cfg.hflip``.
+    Float input (frozen-backbone features) is not pixels and passes through."""
+    if cfg.hflip <= 0 or clips.dtype != torch.uint8 or clips.dim() != 5:
+        return clips
+    flip = torch.rand(clips.shape[0], device=clips.device, generator=generator) < cfg.hflip
+    return torch.where(flip.view(-1, 1, 1, 1, 1), clips.flip(-1), clips)
+
+
 def random_resized_crop(
     clip: torch.Tensor, size: int, scale_min: float, rng: np.random.Generator, ratio=(3 / 4, 4 / 3)
 ) -> torch.Tensor:
@@ -113,12 +123,13 @@ def load_clip(path: str, indices: np.ndarray, width: int, height: int, cfg: Data
 def transform_clip(frames: np.ndarray, cfg: DataConfig, train: bool, rng: np.random.Generator | None = None,
                    normalise: bool = True) -> torch.Tensor:
     """Decoded frames ``(T, H, W, 3)`` uint8 -> the training or validation view ``(C, T, H, W)``;
-    uint8 when not ``normalise`` (the device normalises the batch)."""
+    uint8 and unflipped when not ``normalise`` (the device normalises and flips the batch:
+    ``normalize_batch(augment_batch(...))``)."""
     clip = torch.from_numpy(frames).permute(3, 0, 1, 2)  # (C, T, H, W) uint8
     if train:
         rng = rng or np.random.default_rng()
         clip = random_resized_crop(clip, cfg.crop_size, cfg.scale_min, rng)
-        if rng.uniform() < cfg.hflip:
+        if rng.uniform() < cfg.hflip and normalise:
             clip = clip.flip(-1)
     else:
         clip = center_crop(clip, cfg.crop_size)
