@@ -313,6 +313,14 @@ def epochs_logged(client, run_id: str) -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, "val_top1"))
 
 
+def one_done_one_running(uri: str, experiment: str) -> bool:
+    """A trial run finished and another mid-way (an epoch logged): the moment to kill the driver."""
+    client, _, trials = trial_runs(uri, experiment)
+    done = [t for t in trials if t.info.status == "FINISHED"]
+    running = [t for t in trials if t.info.status == "RUNNING" and epochs_logged(client, t.info.run_id)]
+    return bool(done and running)
+
+
 def assert_every_run_whole(client, trials, epochs: int):
     for t in trials:
         assert t.info.status in ("FINISHED", "FAILED"), (t.info.run_name, t.info.status)
@@ -351,13 +359,7 @@ def test_killed_sweep_driver_resumes_without_losing_or_duplicating(ray_nodes, ml
     space = write_space(tmp_path, "driverkill", num_samples=4, epochs=4, concurrent=2)
     proc = launch(ray_nodes, space, tiny_set, mlflow_server.url, storage, "driverkill", log=log)
 
-    def one_done_one_running():
-        client, _, trials = trial_runs(mlflow_server.url, "driverkill")
-        done = [t for t in trials if t.info.status == "FINISHED"]
-        running = [t for t in trials if t.info.status == "RUNNING" and epochs_logged(client, t.info.run_id)]
-        return done and running
-
-    wait_for(one_done_one_running, 300, "a finished trial and a trial mid-way")
+    wait_for(lambda: one_done_one_running(mlflow_server.url, "driverkill"), 300, "a finished trial and a trial mid-way")
     _, _, before = trial_runs(mlflow_server.url, "driverkill")
     finished_before = {t.info.run_id: t.info.end_time for t in before if t.info.status == "FINISHED"}
     os.killpg(proc.pid, signal.SIGKILL)  # the sweep driver dies with no chance to clean up
@@ -418,13 +420,7 @@ def test_cloud_storage_uri_sweep_resumes_from_another_machine(ray_nodes, s3_serv
     proc = launch(ray_nodes, space, tiny_set, mlflow_server.url, storage, "cloud", log=log,
                   env={"VIDTUNE_SCRATCH": str(tmp_path / "driver-a")})
 
-    def one_done_one_running():
-        client, _, trials = trial_runs(mlflow_server.url, "cloud")
-        done = [t for t in trials if t.info.status == "FINISHED"]
-        running = [t for t in trials if t.info.status == "RUNNING" and epochs_logged(client, t.info.run_id)]
-        return done and running
-
-    wait_for(one_done_one_running, 300, "a finished trial and a trial mid-way")
+    wait_for(lambda: one_done_one_running(mlflow_server.url, "cloud"), 300, "a finished trial and a trial mid-way")
     _, _, before = trial_runs(mlflow_server.url, "cloud")
     finished_before = {t.info.run_id: t.info.end_time for t in before if t.info.status == "FINISHED"}
     os.killpg(proc.pid, signal.SIGKILL)

@@ -22,6 +22,7 @@ per URI.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -52,9 +53,10 @@ class SweepStorage:
         scratch = os.environ.get("VIDTUNE_SCRATCH") or os.path.join(os.path.expanduser("~"), ".cache", "vidtune", "storage")
         self.local = os.path.join(scratch, slug)
         self._fs = None  # opened on first use: the object is pickled to every trial
+        self._best_pushed: dict[str, int] = {}  # work dir -> mtime of the best/ last pushed from here
 
     def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k != "_fs"} | {"_fs": None}
+        return {**self.__dict__, "_fs": None, "_best_pushed": {}}
 
     # -- the remote side
     @property
@@ -85,6 +87,10 @@ class SweepStorage:
     def for_ray(self) -> str:
         """What Ray Tune and Ray Train get as ``storage_path``."""
         return self.uri or self.local
+
+    def location(self, rel: str) -> str:
+        """Where ``rel`` lives for Ray and for users: under the URI, else the folder."""
+        return f"{self.for_ray()}/{rel}"
 
     def check(self) -> None:
         """Fail now, with the URI named, when this node cannot list or write it."""
@@ -156,15 +162,6 @@ class SweepStorage:
             shutil.rmtree(tmp, ignore_errors=True)
         return True
 
-    def exists(self, local_path: str) -> bool:
-        if os.path.exists(local_path):
-            return True
-        if self.uri is None:
-            return False
-        import pyarrow.fs
-
-        return self.fs.get_file_info(self.remote(self.rel(local_path))).type != pyarrow.fs.FileType.NotFound
-
     def list_dirs(self, prefix: str) -> list[str]:
         """Names of the storage's top-level folders starting with ``prefix``, oldest first."""
         if self.uri is None:
@@ -188,13 +185,36 @@ class SweepStorage:
         for name in ("last", "best", HISTORY, FAILED_MARK):
             self.pull(os.path.join(work_dir, name), overwrite=True)
 
-    def push_trial(self, work_dir: str, best_changed: bool = True) -> None:
-        """After an epoch, before Tune hears of it."""
+    def push_trial(self, work_dir: str) -> None:
+        """After an epoch, before Tune hears of it; ``best/`` only when it changed since the last push."""
         if self.uri is None:
             return
         from vidtune.train import HISTORY
 
-        if best_changed:
-            self.push(os.path.join(work_dir, "best"))
+        best = os.path.join(work_dir, "best")
+        with contextlib.suppress(OSError):
+            stamp = os.stat(os.path.join(best, "config.json")).st_mtime_ns
+            if self._best_pushed.get(work_dir) != stamp:
+                self.push(best)
+                self._best_pushed[work_dir] = stamp
         self.push(os.path.join(work_dir, "last"))
         self.push(os.path.join(work_dir, HISTORY))
+
+    def pull_finished_trial(self, work_dir: str) -> None:
+        """When a trial ends, for MLflow: its best checkpoint and history, from wherever it ran."""
+        if self.uri is None:
+            return
+        from vidtune.train import HISTORY
+
+        with contextlib.suppress(Exception):  # a trial that never reported has nothing to fetch
+            self.pull(os.path.join(work_dir, "best"), overwrite=True)
+            self.pull(os.path.join(work_dir, HISTORY), overwrite=True)
+
+    def fetch_inputs(self, manifest_rel: str, cache_files: list[str]) -> tuple[str, str]:
+        """In a trial process: the sweep's manifest and the frozen-model caches it computed once,
+        fetched to this node when missing; returns ``(manifest path, cache folder)``."""
+        manifest_path = self.path(manifest_rel)
+        self.pull(manifest_path)
+        for rel in cache_files:
+            self.pull(self.path(rel))
+        return manifest_path, self.path("cache")

@@ -319,10 +319,11 @@ class Outbox:
     After ``start()``, a background thread delivers: the sweep's event loop only queues, so a
     trial's end (checkpoint upload, figures) never holds up the start of the next trial."""
 
-    def __init__(self, tracker: SweepTracker, path: str | None = None, retry_every_s: float = 5.0):
+    def __init__(self, tracker: SweepTracker, path: str | None = None, retry_every_s: float = 5.0, store=None):
         import threading
 
         self.tracker = tracker
+        self.store = store  # a cloud --storage: a trial's end fetches its best checkpoint first
         self.path = path
         self.retry_every_s = retry_every_s
         self.ops: list[dict] = []
@@ -348,10 +349,15 @@ class Outbox:
         with self._lock:
             self.ops.append({"op": op, "trial_id": trial_id, "t": int(time.time() * 1000), **args})
             if self._thread is not None:
-                self._save()  # a killed sweep keeps what the thread has not delivered yet
+                self._append(self.ops[-1])  # a killed sweep keeps what the thread has not delivered yet
         if self._thread is not None:
             self._wake.set()
         else:
+            self.flush()
+
+    def tick(self) -> None:
+        """From the sweep's loop: retry queued writes, unless the background thread does."""
+        if self._thread is None:
             self.flush()
 
     def start(self) -> None:
@@ -429,6 +435,13 @@ class Outbox:
             time.sleep(min(self.retry_every_s, max(0.1, deadline - time.time())))
         return True
 
+    def _append(self, op: dict) -> None:
+        if self.path:
+            import json
+
+            with open(self.path, "a") as f:
+                f.write(json.dumps(op) + "\n")
+
     def _save(self) -> None:
         if not self.path:
             return
@@ -459,6 +472,8 @@ class Outbox:
 
             tracker.client.log_batch(run_id, metrics=metrics, tags=[RunTag(k, v) for k, v in tags.items()])
         elif kind == "end":
+            if self.store is not None and op.get("checkpoint_dir"):  # in the deliverer, off Tune's loop
+                self.store.pull_finished_trial(os.path.dirname(op["checkpoint_dir"]))
             tracker.end_trial(run_id, op["status"], op.get("reason"), op.get("checkpoint_dir"))
         else:
             raise ValueError(f"unknown outbox op {kind!r}")

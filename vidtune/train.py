@@ -387,11 +387,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     cfg = TrialConfig.from_dict(loop_config["trial"])
     # Paths are relative to --storage: a rank on another node has its own mirror of a cloud URI.
     store = loop_config["store"]
-    manifest_path, work_dir = store.path(loop_config["manifest_rel"]), store.path(loop_config["work_rel"])
-    store.pull(manifest_path)
-    for rel in loop_config.get("cache_files", []):
-        store.pull(store.path(rel))
-    os.environ["VIDTUNE_CACHE_DIR"] = store.path("cache")
+    work_dir = store.path(loop_config["work_rel"])
+    manifest_path, cache_dir = store.fetch_inputs(loop_config["manifest_rel"], loop_config["cache_files"])
+    os.environ["VIDTUNE_CACHE_DIR"] = cache_dir
     manifest = read_manifest(manifest_path)
     torch.set_num_threads(max(1, int(loop_config.get("cpus_per_worker", 1))))
     rank0 = ctx.get_world_rank() == 0
@@ -399,14 +397,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
         store.pull_trial(work_dir)  # history and best of earlier attempts, wherever they ran
     else:
         store.pull(os.path.join(work_dir, FAILED_MARK), overwrite=True)
-    best_config, best_seen = os.path.join(work_dir, "best", "config.json"), [None]
 
     def report(metrics: dict, checkpoint_dir: str) -> None:
         # Reporting is a barrier for all ranks; only rank 0 hands over its checkpoint.
         if rank0:
-            stamp = os.stat(best_config).st_mtime_ns if os.path.exists(best_config) else None
-            store.push_trial(work_dir, best_changed=stamp != best_seen[0])
-            best_seen[0] = stamp
+            store.push_trial(work_dir)
         ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if rank0 else None
         ray.train.report(metrics, checkpoint=ckpt)
 
