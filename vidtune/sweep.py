@@ -116,11 +116,7 @@ def _run_trial(config: dict, ctx: dict, work_dir: str) -> None:
     trial_id = tune.get_context().get_trial_id()
     cfg = TrialConfig.from_dict(ctx["base"]).with_overrides(config)
     store: SweepStorage = ctx["store"]
-    manifest_path = store.path(ctx["manifest_rel"])
-    store.pull(manifest_path)
-    cache_dir = store.path("cache")
-    for rel in ctx["cache_files"]:  # frozen-model outputs the sweep computed once (cloud --storage)
-        store.pull(store.path(rel))
+    manifest_path, cache_dir = store.fetch_inputs(ctx["manifest_rel"], ctx["cache_files"])
     os.environ["VIDTUNE_CACHE_DIR"] = cache_dir  # frozen-model outputs shared by all trials
     res = ctx["resources"]
 
@@ -130,14 +126,12 @@ def _run_trial(config: dict, ctx: dict, work_dir: str) -> None:
         device = torch.device("cuda") if res["gpus_per_worker"] > 0 and torch.cuda.is_available() else torch.device("cpu")
         node = ray.get_runtime_context().get_node_id()
 
-        pushed = _BestTracker(work_dir)
-
         def report(metrics: dict, _checkpoint_dir: str) -> None:
             # No Tune checkpoint: the trial's own `last/` (written before every report, on the
             # shared storage, or pushed to a cloud one here) is what a restarted or restored trial
             # resumes from. Tune's copy would cost a copy per epoch, and a restore can name one
             # that `num_to_keep` already deleted.
-            store.push_trial(work_dir, best_changed=pushed.changed())
+            store.push_trial(work_dir)
             tune.report({**metrics, "vidtune_nodes": node})
 
         from vidtune.checkpoint import resumable_dir
@@ -219,12 +213,12 @@ class MlflowTrialCallback(_tune_callback_base()):
     @property
     def outbox(self) -> Outbox:
         if self._outbox is None:
-            self._outbox = Outbox(self.tracker, os.path.join(os.path.dirname(self.trials_dir), "mlflow_outbox.jsonl"))
+            self._outbox = Outbox(self.tracker, os.path.join(os.path.dirname(self.trials_dir), "mlflow_outbox.jsonl"),
+                                  store=self.store)
         return self._outbox
 
     def on_step_end(self, iteration, trials, **info):
-        if self.outbox._thread is None:
-            self.outbox.flush()  # retries buffered writes (at most every few seconds while down)
+        self.outbox.tick()  # retries buffered writes (at most every few seconds while down)
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.outbox.put("start", trial.trial_id, params=trial.config)
@@ -252,33 +246,8 @@ class MlflowTrialCallback(_tune_callback_base()):
         self._end(trial, "failed", failure_reason(trial))
 
     def _end(self, trial, status: str, reason: str | None = None) -> None:
-        pull_finished_trial(self.store, os.path.join(self.trials_dir, trial.trial_id))
         self.outbox.put("end", trial.trial_id, params=trial.config, status=status, reason=reason,
                         checkpoint_dir=os.path.join(self.trials_dir, trial.trial_id, "best"))
-
-
-def pull_finished_trial(store: SweepStorage, work_dir: str) -> None:
-    """A cloud --storage: the trial's best checkpoint and history, for MLflow, from wherever it ran."""
-    from vidtune.train import HISTORY
-
-    with contextlib.suppress(Exception):  # a trial that never reported has nothing to fetch
-        store.pull(os.path.join(work_dir, "best"), overwrite=True)
-        store.pull(os.path.join(work_dir, HISTORY), overwrite=True)
-
-
-class _BestTracker:
-    """Whether ``best/`` changed since the last call (so a cloud push skips an unchanged one)."""
-
-    def __init__(self, work_dir: str):
-        self.path, self.seen = os.path.join(work_dir, "best", "config.json"), None
-
-    def changed(self) -> bool:
-        try:
-            stamp = os.stat(self.path).st_mtime_ns
-        except OSError:
-            return False
-        changed, self.seen = stamp != self.seen, stamp
-        return changed
 
 
 def failure_reason(trial) -> str:
@@ -426,7 +395,7 @@ def run_sweep(opts: SweepOptions) -> dict:
     if opts.resume:
         found = store.list_dirs(f"{space.name}-")
         sweep_name = found[-1] if found else ""
-        if not sweep_name or not tune.Tuner.can_restore(f"{store.for_ray()}/{sweep_name}"):
+        if not sweep_name or not tune.Tuner.can_restore(store.location(sweep_name)):
             raise FileNotFoundError(f"--resume: no sweep of {space.name!r} to resume under {store.spec}")
         sweep_dir = store.path(sweep_name)
         for name in ("manifest.parquet", "mlflow_outbox.jsonl"):  # from wherever the sweep ran (a cloud --storage)
@@ -519,7 +488,7 @@ def run_sweep(opts: SweepOptions) -> dict:
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     t0 = time.time()
     if opts.resume:
-        tuner = tune.Tuner.restore(f"{store.for_ray()}/{sweep_name}", trainable=trainable, resume_unfinished=True, resume_errored=True)
+        tuner = tune.Tuner.restore(store.location(sweep_name), trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
         startup = space.tune.tpe_startup_trials or max(1, space.tune.num_samples // 3)
         # With the space given here, Tune's set_search_properties skips the searcher: it needs
@@ -602,7 +571,7 @@ def run_sweep(opts: SweepOptions) -> dict:
     summary = {
         "experiment": experiment,
         "sweep": sweep_name,
-        "sweep_dir": f"{store.uri}/{sweep_name}" if store.uri else sweep_dir,
+        "sweep_dir": store.location(sweep_name),
         "parent_run_id": parent_id,
         "tracking_uri": tracking_uri,
         "metric": space.tune.metric,
@@ -620,34 +589,36 @@ def run_sweep(opts: SweepOptions) -> dict:
 
 def _close_open_trial_runs(tracker: SweepTracker, parent_id: str, results, trials_dir: str, store: SweepStorage) -> int:
     """End trial runs still RUNNING once Tune is done (the sweep process was killed between a
-    trial's end and its MLflow record), with the status Tune's own record gives.
+    trial's end and its MLflow record), with the status Tune's own record gives; and give a run to
+    a trial Tune knows but MLflow never heard of (its records died in the outbox file of a driver
+    machine that is gone): its epochs come from the trial's own history in the storage.
 
     A trial that started just before the sweep process died, after Tune's last snapshot of the
     experiment, is unknown to the restored sweep (which samples a new trial in its place): its run
     is tagged ``vidtune.orphaned`` and moved to MLflow's deleted runs (restorable), so the
     experiment holds exactly one run per trial of the sweep."""
     trials = {t.trial_id: t for t in getattr(getattr(results, "_experiment_analysis", None), "trials", None) or []}
-    open_runs = tracker.client.search_runs(
-        [tracker.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}' and attributes.status = 'RUNNING'", max_results=5000
-    )
-    for run in open_runs:
-        trial_id = run.data.tags.get("vidtune.trial_id", "")
+    runs = tracker.client.search_runs([tracker.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=5000)
+    known = {run.data.tags.get("vidtune.trial_id", "") for run in runs}
+    to_close = [(run.info.run_id, run.data.tags.get("vidtune.trial_id", "")) for run in runs if run.info.status == "RUNNING"]
+    to_close += [(tracker.start_trial(tid, trial.config), tid) for tid, trial in trials.items() if tid not in known]
+    for run_id, trial_id in to_close:
         trial = trials.get(trial_id)
         if trial is None and trials:
-            tracker.client.set_tag(run.info.run_id, "vidtune.orphaned", "true")
-            tracker.end_trial(run.info.run_id, "failed", "orphaned: the sweep process died before Ray Tune recorded this "
+            tracker.client.set_tag(run_id, "vidtune.orphaned", "true")
+            tracker.end_trial(run_id, "failed", "orphaned: the sweep process died before Ray Tune recorded this "
                               "trial; the resumed sweep ran a new trial in its place")
-            tracker.client.delete_run(run.info.run_id)
-            print(f"trial run {run.info.run_id} ({trial_id}) orphaned by the interrupted sweep: moved to deleted runs")
+            tracker.client.delete_run(run_id)
+            print(f"trial run {run_id} ({trial_id}) orphaned by the interrupted sweep: moved to deleted runs")
             continue
         last = (trial.last_result if trial is not None else None) or {}
         if trial is not None and trial.status == "ERROR":
             status, reason = "failed", failure_reason(trial)
         else:
             status, reason = ("completed" if last.get("vidtune_finished") else "pruned"), None
-        pull_finished_trial(store, os.path.join(trials_dir, trial_id))
-        tracker.end_trial(run.info.run_id, status, reason, os.path.join(trials_dir, trial_id, "best"))
-    return len(open_runs)
+        store.pull_finished_trial(os.path.join(trials_dir, trial_id))
+        tracker.end_trial(run_id, status, reason, os.path.join(trials_dir, trial_id, "best"))
+    return len(to_close)
 
 
 def _live_placement_groups() -> set[str]:
