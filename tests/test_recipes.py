@@ -51,6 +51,18 @@ def test_lipcnn_with_the_reports_settings_has_the_reports_parameter_count():
     assert drops == pytest.approx([0.4, 0.2, 0.12])
 
 
+def test_width_mult_scales_every_conv_width():
+    report = ModelConfig(arch="lipcnn", widths=[64, 128, 256, 512], kernels=[7, 5, 3, 3])
+    quarter = build_model(ModelConfig(arch="lipcnn", widths=[64, 128, 256, 512], kernels=[7, 5, 3, 3], width_mult=0.25), 5, in_channels=1)
+    convs = [m.out_channels for m in quarter.modules() if isinstance(m, torch.nn.Conv3d)]
+    assert convs == [16, 32, 64, 128] and report.scaled_widths() == [64, 128, 256, 512]
+    assert quarter(torch.randn(1, 1, 8, 32, 32)).shape == (1, 5)
+    cnn = build_model(ModelConfig(arch="cnn3d", widths=[16, 32, 64], width_mult=0.5), 4)
+    assert [m.out_channels for m in cnn.modules() if isinstance(m, torch.nn.Conv3d)] == [8, 16, 32]
+    with pytest.raises(ConfigError, match="width_mult"):
+        ModelConfig(arch="cnn3d", width_mult=0)
+
+
 def test_lipcnn_max_pooling_sees_a_small_blob_that_average_pooling_dilutes():
     avg = build_model(ModelConfig(arch="lipcnn", widths=[4, 4, 4, 4], kernels=[3, 3, 3, 3], head=[8, 8]), 5, in_channels=1)
     mx = build_model(ModelConfig(arch="lipcnn", widths=[4, 4, 4, 4], kernels=[3, 3, 3, 3], head=[8, 8], pool="max"), 5, in_channels=1)

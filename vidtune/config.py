@@ -93,6 +93,9 @@ class ModelConfig:
     temporal_head: str = "avg"  # timm only: avg | attention
     spatial_grid: int = 1  # timm only: pool each frame's features to grid x grid (1: global), keeps position
     widths: list = field(default_factory=lambda: [16, 32, 64])  # cnn3d stage widths
+    # Scales every entry of ``widths`` (cnn3d, lipcnn, slowfast): model capacity as one searchable
+    # number (report 002 went from a 290K to a 5.2M-parameter 3D CNN by hand).
+    width_mult: float = 1.0
     pool: str = "avg"  # cnn3d, lipcnn and timm global pooling: avg | max (max keeps small moving objects visible)
     depths: list = field(default_factory=lambda: [1, 1, 1, 1])  # slowfast blocks per stage ([3, 4, 6, 3] = R50)
     speed_ratio: int = 4  # slowfast alpha: the slow pathway sees every alpha-th frame
@@ -131,9 +134,15 @@ class ModelConfig:
             problems.append(f"depths: slowfast needs 4 stage depths (got {self.depths})")
         if self.arch == "lipcnn" and len(self.kernels) != len(self.widths):
             problems.append(f"kernels: one per entry of widths ({len(self.widths)}) (got {self.kernels})")
+        if not 0 < self.width_mult <= 8:
+            problems.append(f"width_mult: must be in (0, 8] (got {self.width_mult})")
         if not self.widths or any(int(w) < 1 for w in self.widths):
             problems.append(f"widths: must be a non-empty list of positive ints (got {self.widths})")
         _raise_if(problems)
+
+    def scaled_widths(self) -> list[int]:
+        """``widths`` times ``width_mult``, rounded, at least 1 channel each."""
+        return [max(1, round(int(w) * self.width_mult)) for w in self.widths]
 
 
 @dataclass

@@ -20,7 +20,7 @@ from vidtune.config import ConfigError, ModelConfig
 
 def build_model(cfg: ModelConfig, num_classes: int, in_channels: int = 3, num_frames: int = 8) -> nn.Module:
     if cfg.arch == "cnn3d":
-        model = Cnn3d(in_channels, num_classes, [int(w) for w in cfg.widths], cfg.dropout, cfg.pool)
+        model = Cnn3d(in_channels, num_classes, cfg.scaled_widths(), cfg.dropout, cfg.pool)
         _load_local_weights(model, cfg.pretrained_path)
         return model
     if cfg.arch == "timm":
@@ -31,10 +31,10 @@ def build_model(cfg: ModelConfig, num_classes: int, in_channels: int = 3, num_fr
         from vidtune.models.slowfast import LipCnn3d, SlowFast
 
         if cfg.arch == "slowfast":
-            model = SlowFast(in_channels, num_classes, int(cfg.widths[0]), tuple(int(d) for d in cfg.depths),
+            model = SlowFast(in_channels, num_classes, cfg.scaled_widths()[0], tuple(int(d) for d in cfg.depths),
                              cfg.speed_ratio, cfg.channel_ratio, cfg.dropout)
         else:
-            model = LipCnn3d(in_channels, num_classes, tuple(int(w) for w in cfg.widths), tuple(int(k) for k in cfg.kernels),
+            model = LipCnn3d(in_channels, num_classes, tuple(cfg.scaled_widths()), tuple(int(k) for k in cfg.kernels),
                              tuple(int(h) for h in cfg.head), cfg.dropout, cfg.pool)
         _load_local_weights(model, cfg.pretrained_path)
         return model
