@@ -284,6 +284,8 @@ def test_mlflow_ui_in_a_real_browser_lists_every_trial_and_the_sweep_plots(swept
     import time
     import urllib.request
 
+    from vidtune.tracking import ui_url
+
     playwright = pytest.importorskip("playwright.sync_api")
     shots = os.environ.get("VIDTUNE_TEST_ARTIFACTS") or os.path.join(os.path.dirname(os.path.dirname(__file__)), "test-artifacts")
     os.makedirs(shots, exist_ok=True)
@@ -315,7 +317,10 @@ def test_mlflow_ui_in_a_real_browser_lists_every_trial_and_the_sweep_plots(swept
                 "--disable-component-update", "--disable-sync"])
             page = browser.new_page(viewport={"width": 1600, "height": 1000})
             page.set_default_timeout(120_000)
-            page.goto(f"{base}/#/experiments/{exp.experiment_id}/runs", wait_until="domcontentloaded")
+            # The link the sweep prints (``ui_url``): it must land on the runs table, not on
+            # MLflow's GenAI overview (traces), which is where a plain experiment link opens.
+            assert exp.tags.get("mlflow.experimentKind") == "custom_model_development"
+            page.goto(ui_url(swept["uri"], exp.experiment_id, ui_base=base), wait_until="domcontentloaded")
             row = page.locator("[role=row]", has_text=parent.info.run_name).first
             row.wait_for()
             # Trial runs are nested under the sweep's parent run: expand it.
@@ -324,6 +329,13 @@ def test_mlflow_ui_in_a_real_browser_lists_every_trial_and_the_sweep_plots(swept
                 page.get_by_text(name, exact=True).first.wait_for()
             page.screenshot(path=os.path.join(shots, "mlflow_ui_experiment.png"), full_page=True)
             assert page.get_by_text(f"{len(trials) + 1} matching runs").count() == 1
+            assert "/overview" not in page.url and "workflowType=machine_learning" in page.url
+            # The best trial, one click away, shows the tuned metric with its value.
+            metric, best_run = summary["metric"], client.get_run(summary["best_run_id"])
+            page.get_by_text(best_run.info.run_name, exact=True).first.click()
+            page.get_by_text(metric, exact=True).first.wait_for()
+            page.get_by_text(str(round(best_run.data.metrics[metric], 3))).first.wait_for()
+            page.screenshot(path=os.path.join(shots, "mlflow_ui_best_trial.png"), full_page=True)
 
             page.goto(f"{base}/#/experiments/{exp.experiment_id}/runs/{parent.info.run_id}/artifacts", wait_until="domcontentloaded")
             for name in ("plots", "trials.parquet", "summary.md"):

@@ -114,6 +114,7 @@ def cmd_data_index(a) -> int:
 
 def cmd_sweep(a) -> int:
     from vidtune.sweep import SweepOptions, run_sweep
+    from vidtune.tracking import ui_hint
 
     opts = SweepOptions(**{k: getattr(a, k) for k in SweepOptions.__dataclass_fields__ if hasattr(a, k)})
     summary = run_sweep(opts)
@@ -124,7 +125,8 @@ def cmd_sweep(a) -> int:
     )
     for reason in summary.get("failure_reasons", []):
         print(f"  failure: {reason}")
-    print(f"MLflow: mlflow ui --backend-store-uri {summary['tracking_uri']}   then: vidtune promote --experiment {summary['experiment']}")
+    print(ui_hint(summary["tracking_uri"], summary["experiment_id"]))
+    print(f"then: vidtune promote --experiment {summary['experiment']}")
     print(json.dumps(summary))
     return 0
 

@@ -570,6 +570,7 @@ def run_sweep(opts: SweepOptions) -> dict:
             counts[status] += 1
     summary = {
         "experiment": experiment,
+        "experiment_id": tracker.experiment_id,
         "sweep": sweep_name,
         "sweep_dir": store.location(sweep_name),
         "parent_run_id": parent_id,

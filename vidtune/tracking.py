@@ -64,22 +64,45 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+# MLflow 3's UI opens an experiment as a GenAI one (traces, "Overview") unless told otherwise.
+# The experiment tag is MLflow's own marker of a model-training experiment; the UI of 3.17 follows
+# a per-browser switch instead, which a link's ``workflowType`` parameter sets (see ``ui_url``).
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+UI_WORKFLOW = "workflowType=machine_learning"
+
+
 def get_or_create_experiment(uri: str, name: str) -> str:
     client = _client(uri)
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    location = None
-    if uri.startswith("sqlite:///"):
-        # A SQLite store's default artifact root is relative to the creating process: pin it.
-        location = os.path.join(os.path.dirname(sqlite_path(uri)), "mlartifacts")
-    try:
-        return client.create_experiment(name, artifact_location=location)
-    except Exception:  # created concurrently by another sweep
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
+    if exp is None:
+        location = None
+        if uri.startswith("sqlite:///"):
+            # A SQLite store's default artifact root is relative to the creating process: pin it.
+            location = os.path.join(os.path.dirname(sqlite_path(uri)), "mlartifacts")
+        try:
+            return client.create_experiment(name, artifact_location=location, tags=dict([EXPERIMENT_KIND]))
+        except Exception:  # created concurrently by another sweep
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if exp.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:  # made by an older vidtune or by hand
+        client.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
+    return exp.experiment_id
+
+
+def ui_url(tracking_uri: str, experiment_id: str, ui_base: str = "http://127.0.0.1:5000") -> str:
+    """The page of the experiment's runs table in the MLflow UI. A tracking server serves its own
+    UI; a local store's UI is ``mlflow ui``'s default address."""
+    base = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else ui_base
+    return f"{base}/#/experiments/{experiment_id}/runs?{UI_WORKFLOW}"
+
+
+def ui_hint(tracking_uri: str, experiment_id: str) -> str:
+    """One line telling how to open the sweep in the MLflow UI."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"MLflow UI: {ui_url(tracking_uri, experiment_id)}"
+    return (f"MLflow UI: mlflow ui --backend-store-uri {tracking_uri}   then open "
+            f"{ui_url(tracking_uri, experiment_id)}")
 
 
 def numeric_metrics(result: dict) -> dict[str, float]:
