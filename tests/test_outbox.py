@@ -67,3 +67,53 @@ def test_an_error_that_is_not_an_outage_reaches_the_sweep(tmp_path):
     box.put("no-such-op", "t1")
     with pytest.raises(ValueError, match="unknown outbox op"):
         box.drain(10)
+
+
+def test_a_record_mlflow_refuses_is_dead_lettered_and_the_rest_arrives(tmp_path, capsys):
+    tracker = make_tracker(tmp_path, "refused")
+    path = str(tmp_path / "mlflow_outbox.jsonl")
+    box = Outbox(tracker, path)
+    box.start()
+    box.put("start", "t1", params={"train.lr": 0.01})
+    box.put("start", "t2", params={"train.lr": 0.02})
+    assert box.drain(60)
+    tracker.client.delete_run(tracker.start_trial("t2", {}))  # deleted by a user mid-sweep: its writes are refused
+    box.start()
+    box.put("epoch", "t1", params={}, metrics={"val_top1": 0.5, "val_acc/R&D": 0.25, "train_loss": 1.0}, step=1,
+            tags={"vidtune.at_chance": "false", "bad(tag)": "x"})
+    box.put("end", "t2", params={}, status="completed")
+    box.put("epoch", "t1", params={}, metrics={"val_top1": 0.75}, step=2)
+    box.put("end", "t1", params={}, status="completed")
+    assert box.drain(60) and len(box) == 0
+
+    run = tracker.client.get_run(tracker.start_trial("t1", {}))
+    assert run.info.status == "FINISHED" and run.data.tags["vidtune.at_chance"] == "false"
+    assert [m.value for m in tracker.client.get_metric_history(run.info.run_id, "val_top1")] == [0.5, 0.75]
+    assert "train_loss" in run.data.metrics and "bad(tag)" not in run.data.tags
+    with open(tmp_path / "mlflow_deadletter.jsonl") as f:
+        dead = [json.loads(line) for line in f]
+    assert [(d.get("kind"), d.get("key"), d.get("what")) for d in dead] == [
+        ("metric", "val_acc/R&D", "metric 'val_acc/R&D'"), ("tag", "bad(tag)", "tag 'bad(tag)'"), (None, None, "end record")]
+    assert dead[0]["value"] == 0.25 and dead[0]["step"] == 1 and dead[2]["op"]["trial_id"] == "t2"
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("MLflow refused")]
+    assert len(lines) == 3 and "'val_acc/R&D'" in lines[0] and "mlflow_deadletter.jsonl" in lines[0]
+    assert box.refused == 3
+
+
+def test_rejection_and_outage_are_told_apart_by_type_and_status():
+    import requests
+    from mlflow.exceptions import MlflowException, RestException
+
+    from vidtune.tracking import is_rejection, is_unreachable
+
+    # The text says the opposite of the type or status each time: only type and status count.
+    refused = [RestException({"error_code": "INVALID_PARAMETER_VALUE", "message": "Connection refused"}),
+               RestException({"error_code": "RESOURCE_DOES_NOT_EXIST", "message": "503"}),
+               MlflowException.invalid_parameter_value("API request to x failed: Max retries exceeded")]
+    down = [requests.exceptions.ConnectionError("INVALID_PARAMETER_VALUE"),
+            RestException({"error_code": "TEMPORARILY_UNAVAILABLE", "message": "Invalid value"}),
+            RestException({"error_code": "REQUEST_LIMIT_EXCEEDED", "message": "m"}),
+            MlflowException("API request to http://h failed with exception Max retries exceeded")]
+    assert all(is_rejection(e) and not is_unreachable(e) for e in refused)
+    assert all(is_unreachable(e) and not is_rejection(e) for e in down)
+    assert not is_rejection(ValueError("INVALID_PARAMETER_VALUE")) and not is_unreachable(ValueError("Connection refused"))

@@ -207,3 +207,40 @@ def test_sweep_refuses_to_start_on_a_broken_pipeline(ray_cluster, tmp_path):
     with pytest.raises(PreflightError, match=r"preflight failed \(chance\): chance: FAIL: pilot val mean class acc"):
         run_sweep(SweepOptions(space=space, data=str(tmp_path / "shuffled.parquet"), tracking_uri=uri, storage=str(tmp_path / "ray")))
     assert not os.path.exists(tmp_path / "ray")  # no trial, no sweep folder
+
+
+ODD_NAMES = ["driver's seat", "lift (arm)", "a,b", "a_b", "R&D", "café", "走路", " walk"]
+
+
+def test_any_class_name_works_in_a_sweep(ray_cluster, tiny_set, tmp_path):
+    # Class names from folders: MLflow refused `val_acc/R&D` and the whole sweep died, runs left RUNNING.
+    from vidtune.data.manifest import read_manifest
+    from vidtune.metrics import class_keys
+
+    m = read_manifest(tiny_set)
+    by_class: dict[int, list[str]] = {}
+    for path, label in zip(m.column("path"), m.column("label")):
+        by_class.setdefault(int(label), []).append(path)
+    data = tmp_path / "data"
+    for i, name in enumerate(ODD_NAMES):
+        (data / name).mkdir(parents=True)
+        for j, path in enumerate(by_class[i % 4][:3]):
+            os.symlink(path, data / name / f"v{j}.mp4")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    summary = run_sweep(SweepOptions(space=write_space(tmp_path, **{"tune/num_samples": 1}), data=str(data), tracking_uri=uri,
+                                     storage=str(tmp_path / "ray"), experiment="odd", max_epochs=1, skip_preflight=True))
+    assert summary["trials"] == 1 and summary["failed"] == 0
+    c = client(uri)
+    runs = c.search_runs([c.get_experiment_by_name("odd").experiment_id])
+    assert {r.info.status for r in runs} == {"FINISHED"} and len(runs) == 2
+    trial = next(r for r in runs if r.data.tags.get("vidtune.role") == "trial")
+    keys = class_keys(sorted(ODD_NAMES))
+    assert {f"val_acc/{k}" for k in keys.values()} | {f"val_f1/{k}" for k in keys.values()} <= set(trial.data.metrics)
+    assert keys["a_b"] == "a_b" and keys["a,b"] != "a_b" and keys["café"] == "café"
+    labels = json.loads(open(c.download_artifacts(trial.info.run_id, "checkpoint/labels.json", str(tmp_path))).read())
+    assert labels == sorted(ODD_NAMES)  # the real names
+    import pandas as pd
+
+    table = pd.read_csv(c.download_artifacts(trial.info.run_id, "per_class_metrics.csv", str(tmp_path)), keep_default_na=False)
+    assert list(table["class"]) == sorted(ODD_NAMES) and list(table["metric_key"]) == [keys[n] for n in sorted(ODD_NAMES)]
+    assert not os.path.exists(os.path.join(summary["sweep_dir"], "mlflow_deadletter.jsonl"))  # nothing was refused

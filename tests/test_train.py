@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -115,6 +116,42 @@ def test_precision_and_schedules():
         assert max(lrs) <= 0.1 + 1e-9
         if schedule != "constant":
             assert lrs[-1] < 0.02
+
+
+@pytest.mark.parametrize("warmup_pct", [0.0, 0.1, 0.5, 0.9])
+@pytest.mark.parametrize("schedule", ["onecycle", "cosine", "constant", "step"])
+def test_every_schedule_runs_for_any_step_count(schedule, warmup_pct):
+    # 10 steps at warmup 0.1 and 100 at 0 crashed torch's OneCycleLR (ZeroDivisionError), and a
+    # 1-step onecycle trial trained at lr / 250000 only.
+    for total in (1, 2, 3, 4, 5, 7, 10, 11, 100):
+        cfg = small_cfg(**{"train.schedule": schedule, "train.warmup_pct": warmup_pct, "train.lr": 0.1,
+                           "train.step_size": 1})
+        opt = torch.optim.AdamW([{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 0.1},
+                                 {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 0.01}])
+        sched = build_scheduler(opt, cfg, total_steps=total)
+        lrs = []
+        for _ in range(total):  # the lr each optimiser step uses, then the loop's scheduler.step()
+            lrs.append([g["lr"] for g in opt.param_groups])
+            opt.step()
+            sched.step()
+        for group, peak in enumerate((0.1, 0.01)):
+            seen = [step[group] for step in lrs]
+            assert all(math.isfinite(v) and v > 0 for v in seen), (total, seen)
+            assert max(seen) == pytest.approx(peak, rel=1e-6), (total, seen)
+        peak_step = max(range(total), key=lambda i: lrs[i][0])
+        if schedule == "onecycle" and round(warmup_pct * total) >= 2:  # a warm-up of 2+ steps starts low
+            assert lrs[0][0] == pytest.approx(0.1 / cfg.train.onecycle_div) and peak_step == round(warmup_pct * total) - 1
+        if schedule in ("onecycle", "cosine") and total >= 3 and warmup_pct <= 0.5:
+            assert lrs[-1][0] < 0.1  # and it anneals after the peak
+
+
+def test_schedule_settings_that_cannot_work_are_refused():
+    from vidtune.config import ConfigError
+
+    with pytest.raises(ConfigError, match="step_size: must be >= 1"):
+        small_cfg(**{"train.step_size": 0})
+    with pytest.raises(ConfigError, match="onecycle_div: must be >= 1"):
+        small_cfg(**{"train.onecycle_div": 0.0})
 
 
 def test_dataloader_workers_give_the_same_metrics_as_in_process_decoding(tiny_set, tmp_path):

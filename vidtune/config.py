@@ -189,6 +189,12 @@ class TrainConfig:
             problems.append(f"weight_decay: must be >= 0 (got {self.weight_decay})")
         if not 0.0 <= self.warmup_pct < 1.0:
             problems.append(f"warmup_pct: must be in [0, 1) (got {self.warmup_pct})")
+        if self.step_size < 1:
+            problems.append(f"step_size: must be >= 1 epoch (got {self.step_size})")
+        if self.step_gamma <= 0:
+            problems.append(f"step_gamma: must be > 0 (got {self.step_gamma})")
+        if self.onecycle_div < 1:
+            problems.append(f"onecycle_div: must be >= 1, the start lr is lr / onecycle_div (got {self.onecycle_div})")
         if not 0.0 <= self.label_smoothing < 1.0:
             problems.append(f"label_smoothing: must be in [0, 1) (got {self.label_smoothing})")
         if not 0.0 <= self.ema_decay < 1.0:

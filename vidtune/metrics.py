@@ -8,6 +8,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
+
 import numpy as np
 
 
@@ -78,3 +81,33 @@ def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
     ranks[order] = np.repeat(avg, counts)
     u = ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0
     return float(u / (n_pos * n_neg))
+
+
+# Characters a metric key may hold in MLflow (its validation's `[/\w.\- :]`), less '/' (it nests
+# keys and must not make `..` paths) and ':' (refused by servers on Windows).
+_KEY_REFUSED = re.compile(r"[^\w.\- ]+")
+KEY_MAX_CHARS = 64
+
+
+def class_key(name: str, hash_digits: int = 6) -> str:
+    """The part of a per-class metric key (``val_acc/<key>``) that stands for class ``name``.
+
+    A name MLflow takes as it is stays itself; any other gets a readable slug (refused characters
+    become ``_``, ends trimmed, long names cut) plus ``-`` and the start of its name's SHA-1, so two
+    names never meet on one key (``a,b`` vs ``a_b``) and a name maps the same way in every sweep."""
+    slug = _KEY_REFUSED.sub("_", name).strip(" _")[:KEY_MAX_CHARS].rstrip(" ")
+    if slug == name and name.strip("."):
+        return name
+    digest = hashlib.sha1(name.encode("utf-8")).hexdigest()[:hash_digits]
+    return f"{slug if slug.strip('.') else 'class'}-{digest}"
+
+
+def class_keys(class_names: list[str]) -> dict[str, str]:
+    """``{name: key}`` for a data set's classes, every key distinct (see ``class_key``)."""
+    taken = {n for n in class_names if class_key(n) == n}
+    keys = {}
+    for name in class_names:
+        key = name if name in taken else next(k for k in (class_key(name, d) for d in (6, 10, 16, 40)) if k not in taken)
+        taken.add(key)
+        keys[name] = key
+    return keys

@@ -19,6 +19,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass, field
 
+from vidtune.metrics import class_keys
 from vidtune.tracking import (
     BEST_RUN,
     METRIC,
@@ -509,10 +510,11 @@ def trial_figures(checkpoint_dir: str, history: dict[str, dict[int, float]], out
         cm = np.asarray(cm)
         names = details.get("class_names") or names or [str(i) for i in range(len(cm))]
         size = min(20, 3 + 0.5 * len(names))
+        labels = [str(n).replace("$", r"\$") for n in names]  # a class name is text, never mathtext
         fig, ax = plt.subplots(figsize=(size, size))
         ax.imshow(cm, cmap="Blues")
-        ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
-        ax.set_yticks(range(len(names)), names)
+        ax.set_xticks(range(len(names)), labels, rotation=45, ha="right")
+        ax.set_yticks(range(len(names)), labels)
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
         ax.set_title(f"Confusion matrix (validation, best epoch {epoch})")
@@ -526,17 +528,17 @@ def trial_figures(checkpoint_dir: str, history: dict[str, dict[int, float]], out
     if details.get("per_class_acc"):
         import pandas as pd
 
-        support = details.get("support", {})
-        df = pd.DataFrame([{"class": n, "accuracy": details["per_class_acc"].get(n), "f1": details.get("per_class_f1", {}).get(n),
+        support, keys = details.get("support", {}), class_keys(list(details["per_class_acc"]))
+        df = pd.DataFrame([{"class": n, "metric_key": keys[n], "accuracy": details["per_class_acc"].get(n), "f1": details.get("per_class_f1", {}).get(n),
                             "support": support.get(n)} for n in details["per_class_acc"]])
         df.to_csv(os.path.join(out, "per_class_metrics.csv"), index=False)
         written.append("per_class_metrics.csv")
     if details.get("per_class_ap"):
         import pandas as pd
 
-        rows = []
+        rows, keys = [], class_keys(list(details["per_class_ap"]))
         for n, d in details["per_class_ap"].items():
-            row = {"class": n, "mean_ap": d.get("mean_ap"), "num_gt": d.get("num_gt"), "num_pred": d.get("num_pred")}
+            row = {"class": n, "metric_key": keys[n], "mean_ap": d.get("mean_ap"), "num_gt": d.get("num_gt"), "num_pred": d.get("num_pred")}
             row.update({f"ap@{t}": v for t, v in (d.get("ap") or {}).items()})
             rows.append(row)
         pd.DataFrame(rows).to_csv(os.path.join(out, "per_class_ap.csv"), index=False)

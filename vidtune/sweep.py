@@ -556,6 +556,9 @@ def run_sweep(opts: SweepOptions) -> dict:
             f"{tracking_uri}: tracking server unreachable at the end of the sweep; {len(callback.outbox)} records are "
             f"kept in {callback.outbox.path}; run the same command with --resume once it is back to deliver them"
         )
+    if callback.outbox.refused:
+        store.push(callback.outbox.deadletter_path)
+        print(f"{callback.outbox.refused} records MLflow refused are in {callback.outbox.deadletter_path}")
     closed = _close_open_trial_runs(tracker, parent_id, results, trials_dir, store)
     if closed:
         print(f"closed {closed} trial runs left open by an interrupted sweep")

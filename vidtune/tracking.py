@@ -121,6 +121,8 @@ def numeric_metrics(result: dict) -> dict[str, float]:
 class SweepTracker:
     """The MLflow side of one sweep: parent run, per-trial runs, their metrics and end states."""
 
+    on_refused = None  # (run_id, kind, record, error) -> None; an outbox keeps them in its dead-letter file
+
     def __init__(self, uri: str, experiment: str):
         self.uri = uri
         self.client = _client(uri)
@@ -128,6 +130,13 @@ class SweepTracker:
         self.parent_id: str | None = None
         self.trial_runs: dict[str, str] = {}
         self.closed: set[str] = set()  # trial runs that had ended before a resume
+
+    def _refused(self, run_id: str, refused: list[tuple[str, Any, BaseException]]) -> None:
+        for kind, record, error in refused:
+            if self.on_refused is not None:
+                self.on_refused(run_id, kind, record, error)
+            else:
+                print(f"MLflow refused {kind} {record.key!r} of run {run_id} ({first_line(error)}); left out")
 
     # -- the sweep
     def start_sweep(self, sweep_name: str, metric: str, mode: str, params: dict, resume: bool = False) -> str:
@@ -211,7 +220,7 @@ class SweepTracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()])
+        self._refused(run_id, log_salvaging(self.client, run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()]))
 
     def backfill(self, run_id: str, history_path: str) -> int:
         """Log the epochs of the trial's own history that the run lacks (records lost when a sweep
@@ -233,7 +242,7 @@ class SweepTracker:
         for epoch in missing:
             row = rows[epoch]
             metrics = numeric_metrics({k: v for k, v in row.items() if k != "t"})
-            self.client.log_batch(run_id, metrics=[Metric(k, v, int(row["t"]), epoch) for k, v in metrics.items()])
+            self._refused(run_id, log_salvaging(self.client, run_id, metrics=[Metric(k, v, int(row["t"]), epoch) for k, v in metrics.items()]))
         return len(missing)
 
     def end_trial(self, run_id: str, status: str, reason: str | None = None, checkpoint_dir: str | None = None) -> None:
@@ -257,7 +266,7 @@ class SweepTracker:
 
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
-            self.client.log_batch(run_id, params=items[i : i + 100])
+            self._refused(run_id, log_salvaging(self.client, run_id, params=items[i : i + 100]))
 
 
 def promote(
@@ -318,16 +327,61 @@ def download_model(model_uri: str, uri: str | None = None) -> str:
 # ----------------------------------------------------------------------------------------------
 # Writes that survive a tracking-server outage
 # ----------------------------------------------------------------------------------------------
+# Answers in 4xx that say nothing against the record: sending it again later can succeed.
+RETRY_STATUSES = frozenset({401, 403, 408, 429})
+
+
+def _http_status(error: BaseException) -> int | None:
+    from mlflow.exceptions import MlflowException
+
+    # MLflow's client raises MlflowException for its own validation (INVALID_PARAMETER_VALUE: 400),
+    # RestException for a server's answer, and MlflowException(INTERNAL_ERROR: 500) for a transport
+    # failure after its retries; a SQL store's "database is locked" is TEMPORARILY_UNAVAILABLE (503).
+    return error.get_http_status_code() if isinstance(error, MlflowException) else None
+
+
 def is_unreachable(error: BaseException) -> bool:
-    """True when ``error`` means the tracking server could not be reached (not a bad request)."""
+    """True when ``error`` means the tracking store could not take the write now (connection
+    errors, 5xx): the record is fine and is retried."""
     import requests
 
     if isinstance(error, (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError, TimeoutError)):
         return True
-    text = str(error)
-    # MlflowClient wraps transport failures after its own retries in an MlflowException.
-    return any(s in text for s in ("Max retries exceeded", "Connection refused", "ConnectionError", "Read timed out",
-                                   "API request to", "503", "502", "504", "database is locked"))
+    status = _http_status(error)
+    return status is not None and (status >= 500 or status in RETRY_STATUSES)
+
+
+def is_rejection(error: BaseException) -> bool:
+    """True when MLflow refused the record itself (a 4xx answer, or its client's own validation):
+    sending it again cannot help."""
+    status = _http_status(error)
+    return status is not None and 400 <= status < 500 and status not in RETRY_STATUSES
+
+
+def log_salvaging(client, run_id: str, metrics=(), params=(), tags=()) -> list[tuple[str, Any, BaseException]]:
+    """``log_batch``; when MLflow refuses the batch, each record alone, so a refused record costs
+    only itself. Returns the refused ``(kind, record, error)``; an outage raises."""
+    metrics, params, tags = list(metrics), list(params), list(tags)
+    try:
+        client.log_batch(run_id, metrics=metrics, params=params, tags=tags)
+        return []
+    except Exception as e:
+        if not is_rejection(e):
+            raise
+    refused = []
+    for kind, records in (("metric", metrics), ("param", params), ("tag", tags)):
+        for record in records:
+            try:
+                client.log_batch(run_id, **{f"{kind}s": [record]})
+            except Exception as e:
+                if not is_rejection(e):
+                    raise
+                refused.append((kind, record, e))
+    return refused
+
+
+def first_line(error: BaseException, limit: int = 240) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:limit]
 
 
 class Outbox:
@@ -340,7 +394,11 @@ class Outbox:
     runs are found by their trial tag before one is created, tags and ends simply repeat.
 
     After ``start()``, a background thread delivers: the sweep's event loop only queues, so a
-    trial's end (checkpoint upload, figures) never holds up the start of the next trial."""
+    trial's end (checkpoint upload, figures) never holds up the start of the next trial.
+
+    A record MLflow refuses (a key it does not allow, a value too long, a run deleted meanwhile)
+    is named in one printed line, kept in ``mlflow_deadletter.jsonl`` beside ``path``, and the
+    rest goes on: of a refused batch only the refused metrics, params or tags are left out."""
 
     def __init__(self, tracker: SweepTracker, path: str | None = None, retry_every_s: float = 5.0, store=None):
         import threading
@@ -353,6 +411,9 @@ class Outbox:
         self.down_since: float | None = None
         self.next_try = 0.0
         self.delivered = 0
+        self.refused = 0
+        self.deadletter_path = os.path.join(os.path.dirname(path), "mlflow_deadletter.jsonl") if path else None
+        tracker.on_refused = self._refused_record
         self._lock = threading.RLock()  # guards ops and the file; never held while talking to MLflow
         self._deliver = threading.Lock()  # one deliverer at a time, in order
         self._wake = threading.Event()
@@ -423,6 +484,11 @@ class Outbox:
                 try:
                     self._apply(op)
                 except Exception as e:
+                    if is_rejection(e):
+                        self._dead_letter({"what": f"{op['op']} record", "trial_id": op["trial_id"], "op": op}, e)
+                        with self._lock:
+                            self.ops.pop(0)
+                        continue
                     if not is_unreachable(e):
                         raise
                     if self.down_since is None:
@@ -457,6 +523,26 @@ class Outbox:
                 return False
             time.sleep(min(self.retry_every_s, max(0.1, deadline - time.time())))
         return True
+
+    def _refused_record(self, run_id: str, kind: str, record, error: BaseException) -> None:
+        entry = {"what": f"{kind} {record.key!r}", "run_id": run_id, "kind": kind, "key": record.key,
+                 "value": record.value}
+        if kind == "metric":
+            entry.update(step=record.step, timestamp=record.timestamp)
+        self._dead_letter(entry, error)
+
+    def _dead_letter(self, entry: dict, error: BaseException) -> None:
+        import json
+
+        self.refused += 1
+        entry = {**entry, "error": first_line(error, 1000), "t": int(time.time() * 1000)}
+        where = "not kept (no outbox file)"
+        if self.deadletter_path:
+            with open(self.deadletter_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(entry, ensure_ascii=False) + "\n")
+            where = f"kept in {self.deadletter_path}"
+        run = entry.get("run_id") or f"trial {entry.get('trial_id')}"
+        print(f"MLflow refused {entry['what']} of run {run} ({first_line(error, 200)}); {where}; the sweep goes on")
 
     def _append(self, op: dict) -> None:
         if self.path:
@@ -493,7 +579,8 @@ class Outbox:
             tags = op.get("tags") or {}
             from mlflow.entities import RunTag
 
-            tracker.client.log_batch(run_id, metrics=metrics, tags=[RunTag(k, v) for k, v in tags.items()])
+            tracker._refused(run_id, log_salvaging(tracker.client, run_id, metrics=metrics,
+                                                   tags=[RunTag(k, v) for k, v in tags.items()]))
         elif kind == "end":
             if self.store is not None and op.get("checkpoint_dir"):  # in the deliverer, off Tune's loop
                 self.store.pull_finished_trial(os.path.dirname(op["checkpoint_dir"]))

@@ -101,12 +101,21 @@ def build_optimizer(model: torch.nn.Module, cfg: TrialConfig) -> torch.optim.Opt
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrialConfig, total_steps: int):
+    """The lr schedule, stepped once per optimiser step. For any total of one or more steps every
+    step's lr is positive and one of them runs at the peak (each group's own ``lr``)."""
     t = cfg.train
+    total_steps = max(1, total_steps)
     if t.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=max(1, total_steps),
-            pct_start=max(t.warmup_pct, 0.01), div_factor=t.onecycle_div,
-        )
+        # The peak falls on a whole step: torch's OneCycleLR divides by zero when its warm-up ends
+        # exactly on step 0 (warmup_pct x total == 1, e.g. 10 steps at 0.1) or one step short of
+        # the end, and with a handful of steps it never reaches the peak at all.
+        peak_step = min(max(0, round(t.warmup_pct * total_steps) - 1), total_steps - 1)
+        if 1 <= peak_step <= total_steps - 2:
+            return torch.optim.lr_scheduler.OneCycleLR(
+                optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total_steps,
+                pct_start=(peak_step + 1) / total_steps, div_factor=t.onecycle_div,
+            )
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _onecycle_factor(peak_step, total_steps, t.onecycle_div, step))
     if t.schedule == "step":
         # Decays every `step_size` epochs; the scheduler steps per optimiser step.
         per_epoch = max(1, total_steps // max(1, t.epochs))
@@ -122,6 +131,18 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrialConfig, total_st
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _onecycle_factor(peak_step: int, total_steps: int, div: float, step: int) -> float:
+    """OneCycleLR's curve (cosine up from 1/div to the peak, cosine down to 1/(div * 1e4)) for the
+    totals it cannot take: no warm-up step, or no step left after the peak."""
+    def cos_between(start: float, end: float, pct: float) -> float:
+        return end + (start - end) / 2.0 * (math.cos(math.pi * min(1.0, pct)) + 1.0)
+
+    if step <= peak_step:
+        return cos_between(1.0 / div, 1.0, step / peak_step if peak_step else 1.0)
+    anneal = total_steps - 1 - peak_step
+    return cos_between(1.0, 1.0 / (div * 1e4), (step - peak_step) / anneal if anneal else 1.0)
 
 
 def auto_num_workers(num_cpus: int | None) -> int:

@@ -11,7 +11,7 @@ from torch import nn
 
 from vidtune.config import ConfigError, TrialConfig, from_dict
 from vidtune.data.dataset import ClipDataset
-from vidtune.metrics import classification_metrics
+from vidtune.metrics import class_keys, classification_metrics
 from vidtune.models import build_model
 
 
@@ -110,7 +110,9 @@ class Recipe:
         scalars, details = classification_metrics(collected["logits"], labels, class_names)
         out = {f"val_{k}": v for k, v in scalars.items()}
         if len(class_names) <= PER_CLASS_METRICS_MAX:
-            # Per-class accuracy and F1 as metrics, so the MLflow UI charts the rare classes too.
-            out.update({f"val_acc/{name}": v for name, v in details["per_class_acc"].items()})
-            out.update({f"val_f1/{name}": v for name, v in details["per_class_f1"].items()})
+            # Per-class accuracy and F1 as metrics, so the MLflow UI charts the rare classes too;
+            # keys MLflow accepts whatever the names (the real ones stay in labels.json).
+            keys = class_keys(class_names)
+            out.update({f"val_acc/{keys[name]}": v for name, v in details["per_class_acc"].items()})
+            out.update({f"val_f1/{keys[name]}": v for name, v in details["per_class_f1"].items()})
         return out, details

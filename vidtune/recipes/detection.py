@@ -30,6 +30,7 @@ from torchvision.ops import sigmoid_focal_loss
 
 from vidtune.config import ConfigError, TrialConfig
 from vidtune.detection_metrics import TIOU_THRESHOLDS, detection_map, nms_1d
+from vidtune.metrics import class_keys
 from vidtune.recipes.base import PER_CLASS_METRICS_MAX, Recipe
 
 
@@ -205,7 +206,8 @@ class DetectionRecipe(Recipe):
         out = {f"val_{k}": v for k, v in scalars.items()}
         if len(class_names) <= PER_CLASS_METRICS_MAX:
             # Per-class AP (mean over tIoUs) as metrics, so the MLflow UI charts each action.
-            out.update({f"val_ap/{n}": d["mean_ap"] for n, d in details["per_class_ap"].items() if d["ap"] is not None})
+            keys = class_keys(class_names)
+            out.update({f"val_ap/{keys[n]}": d["mean_ap"] for n, d in details["per_class_ap"].items() if d["ap"] is not None})
         return out, details
 
     def static_metrics(self, model: nn.Module, cfg: TrialConfig) -> dict[str, float]:
