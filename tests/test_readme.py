@@ -120,4 +120,4 @@ def test_readme_commands_exist_as_cli_entry_points(name):
         for part in command.split("&&"):
             words = part.split()
             if words and words[0] == "vidtune":
-                parser.parse_known_args(words[1:])  # exits 2 on an unknown subcommand or flag
+                parser.parse_args(words[1:])  # exits 2 on an unknown subcommand or flag
